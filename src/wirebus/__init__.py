@@ -1,0 +1,24 @@
+"""wirebus: typed messages and live metrics between the processes of a benchmark harness.
+
+codec → transport → kvstore / ready / launcher → services → cli. Every public name is
+re-exported here.
+"""
+
+from wirebus.codec import TOPIC_FRAME_SIZE as TOPIC_FRAME_SIZE
+from wirebus.codec import MessageCodec as MessageCodec
+from wirebus.codec import MsgspecCodec as MsgspecCodec
+from wirebus.codec import make_topic as make_topic
+from wirebus.errors import KVStoreError as KVStoreError
+from wirebus.errors import ReadyTimeoutError as ReadyTimeoutError
+from wirebus.errors import ServiceStartupError as ServiceStartupError
+from wirebus.errors import WirebusError as WirebusError
+from wirebus.record import ErrorData as ErrorData
+from wirebus.record import ErrorEventType as ErrorEventType
+from wirebus.record import EventRecord as EventRecord
+from wirebus.record import EventRecordCodec as EventRecordCodec
+from wirebus.record import PromptData as PromptData
+from wirebus.record import SampleEventType as SampleEventType
+from wirebus.record import SessionEventType as SessionEventType
+from wirebus.record import TextModelOutput as TextModelOutput
+
+__version__ = "0.1.0"

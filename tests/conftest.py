@@ -1,0 +1,62 @@
+"""Shared test set-up: every test must leave no child process, /dev/shm entry or fd behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # field 4 of stat: ppid
+            found.add(int(pid))
+    return found
+
+
+def _fds() -> dict[str, str]:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+    return out
+
+
+def _shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _global_zmq_context() -> None:
+    zmq.Context.instance()  # created once, up front, so its fds are not counted as a leak
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    children, fds, shm = _children(), _fds(), _shm()
+    yield
+    gc.collect()
+    leaked_children = _children() - children
+    assert not leaked_children, f"{request.node.nodeid} left child processes {leaked_children}"
+    leaked_shm = _shm() - shm
+    assert not leaked_shm, f"{request.node.nodeid} left /dev/shm entries {leaked_shm}"
+    now = _fds()
+    leaked_fds = {fd: target for fd, target in now.items() if fds.get(fd) != target}
+    assert not leaked_fds, f"{request.node.nodeid} left file descriptors {leaked_fds}"

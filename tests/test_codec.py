@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wirebus import (
+    TOPIC_FRAME_SIZE,
+    ErrorData,
+    ErrorEventType,
+    EventRecord,
+    EventRecordCodec,
+    MsgspecCodec,
+    PromptData,
+    SampleEventType,
+    SessionEventType,
+    TextModelOutput,
+    make_topic,
+)
+from wirebus.codec import check_codec
+from wirebus.record import ERROR_TOPIC, SAMPLE_TOPIC, SESSION_TOPIC
+
+
+class Tick(msgspec.Struct):
+    seq: int
+    price: float = 0.0
+
+
+def test_make_topic_pads_to_fixed_width() -> None:
+    assert make_topic("abc") == b"abc" + b"\0" * (TOPIC_FRAME_SIZE - 3)
+    assert make_topic(b"x" * TOPIC_FRAME_SIZE) == b"x" * TOPIC_FRAME_SIZE
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "match"),
+    [
+        ("", ValueError, "empty"),
+        (b"", ValueError, "empty"),
+        ("x" * (TOPIC_FRAME_SIZE + 1), ValueError, "x" * (TOPIC_FRAME_SIZE + 1)),
+        ("a\0b", ValueError, "NUL"),
+        (42, TypeError, "42"),
+    ],
+)
+def test_make_topic_rejects_bad_names(name: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        make_topic(name)  # type: ignore[arg-type]
+
+
+def test_msgspec_codec_round_trip_and_fixed_topic() -> None:
+    codec = MsgspecCodec(Tick, topic="tick")
+    topic, payload = codec.encode(Tick(3, 1.5))
+    assert topic == make_topic("tick")
+    assert codec.decode(payload) == Tick(3, 1.5)
+    assert codec.decode(memoryview(payload)) == Tick(3, 1.5)
+
+
+def test_msgspec_codec_topic_function() -> None:
+    odd, even = make_topic("odd"), make_topic("even")
+    codec = MsgspecCodec(Tick, topic=lambda t: odd if t.seq % 2 else even)
+    assert codec.encode(Tick(1))[0] == odd
+    assert codec.encode(Tick(2))[0] == even
+
+
+def test_msgspec_codec_reraises_decode_errors() -> None:
+    codec = MsgspecCodec(Tick, topic="tick")
+    with pytest.raises(msgspec.DecodeError) as info:
+        codec.decode(b"\xc1garbage")
+    with pytest.raises(msgspec.DecodeError):
+        codec.on_decode_error(b"\xc1garbage", info.value)
+
+
+def test_check_codec_names_the_offender() -> None:
+    check_codec(EventRecordCodec())
+    with pytest.raises(TypeError, match=r"42 is not a MessageCodec.*encode, decode, on_decode"):
+        check_codec(42)
+    with pytest.raises(TypeError, match=r"'text'.*no callable decode, on_decode_error$"):
+        check_codec("text")
+
+
+@pytest.mark.parametrize(
+    ("event_type", "topic"),
+    [
+        (SessionEventType.STARTED, SESSION_TOPIC),
+        (SampleEventType.COMPLETE, SAMPLE_TOPIC),
+        (ErrorEventType.SAMPLE_FAILED, ERROR_TOPIC),
+    ],
+)
+def test_event_record_topic_is_its_category(event_type: object, topic: bytes) -> None:
+    codec = EventRecordCodec()
+    assert codec.encode(EventRecord(event_type))[0] == topic  # type: ignore[arg-type]
+
+
+def test_event_record_default_timestamp_is_monotonic_now() -> None:
+    first, second = EventRecord(SampleEventType.ISSUED), EventRecord(SampleEventType.ISSUED)
+    assert 0 < first.timestamp_ns <= second.timestamp_ns
+
+
+def test_event_record_decode_tolerates_added_fields() -> None:
+    newer = {
+        "event_type": "sample.complete",
+        "timestamp_ns": 5,
+        "sample_uuid": "u",
+        "data": {"type": "output", "n_tokens": 7, "finish_reason": "stop"},
+        "added_in_v2": [1, 2, 3],
+    }
+    record = EventRecordCodec().decode(msgspec.msgpack.encode(newer))
+    assert record == EventRecord(
+        SampleEventType.COMPLETE, timestamp_ns=5, sample_uuid="u", data=TextModelOutput(n_tokens=7)
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "error_type"),
+    [
+        (b"\xc1not msgpack", "DecodeError"),
+        (msgspec.msgpack.encode({"event_type": "sample.nope"}), "ValidationError"),
+        (msgspec.msgpack.encode({"timestamp_ns": 1}), "ValidationError"),
+    ],
+)
+def test_event_record_codec_wraps_decode_errors(payload: bytes, error_type: str) -> None:
+    codec = EventRecordCodec()
+    with pytest.raises(msgspec.DecodeError) as info:
+        codec.decode(payload)
+    wrapped = codec.on_decode_error(payload, info.value)
+    assert wrapped.event_type is ErrorEventType.GENERIC
+    assert wrapped.data == ErrorData(error_type=error_type, error_message=str(info.value))
+
+
+def test_event_record_codec_reraises_other_errors() -> None:
+    bug = KeyError("not a decode problem")
+    with pytest.raises(KeyError) as info:
+        EventRecordCodec().on_decode_error(b"", bug)
+    assert info.value is bug
+
+
+_int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+_event_types = st.sampled_from([*SessionEventType, *SampleEventType, *ErrorEventType])
+_data = st.one_of(
+    st.none(),
+    st.builds(ErrorData, error_type=st.text(), error_message=st.text()),
+    st.builds(
+        PromptData,
+        text=st.none() | st.text(),
+        token_ids=st.none() | st.lists(_int64, max_size=20),
+    ),
+    st.builds(TextModelOutput, text=st.none() | st.text(), n_tokens=st.none() | _int64),
+)
+_records = st.builds(
+    EventRecord, event_type=_event_types, timestamp_ns=_int64, sample_uuid=st.text(), data=_data
+)
+
+
+@given(_records)
+def test_any_event_record_round_trips(record: EventRecord) -> None:
+    codec = EventRecordCodec()
+    topic, payload = codec.encode(record)
+    assert len(topic) == TOPIC_FRAME_SIZE
+    assert codec.decode(payload) == record
