@@ -30,6 +30,7 @@ class Tick(msgspec.Struct):
 def test_make_topic_pads_to_fixed_width() -> None:
     assert make_topic("abc") == b"abc" + b"\0" * (TOPIC_FRAME_SIZE - 3)
     assert make_topic(b"x" * TOPIC_FRAME_SIZE) == b"x" * TOPIC_FRAME_SIZE
+    assert make_topic(make_topic("abc")) == make_topic("abc")
 
 
 @pytest.mark.parametrize(
@@ -37,6 +38,7 @@ def test_make_topic_pads_to_fixed_width() -> None:
     [
         ("", ValueError, "empty"),
         (b"", ValueError, "empty"),
+        (b"\0" * 4, ValueError, "empty"),
         ("x" * (TOPIC_FRAME_SIZE + 1), ValueError, "x" * (TOPIC_FRAME_SIZE + 1)),
         ("a\0b", ValueError, "NUL"),
         (42, TypeError, "42"),

@@ -20,5 +20,11 @@ from wirebus.record import PromptData as PromptData
 from wirebus.record import SampleEventType as SampleEventType
 from wirebus.record import SessionEventType as SessionEventType
 from wirebus.record import TextModelOutput as TextModelOutput
+from wirebus.transport import MessagePublisher as MessagePublisher
+from wirebus.transport import MessageSubscriber as MessageSubscriber
+from wirebus.transport import PublisherStats as PublisherStats
+from wirebus.transport import SubscriberStats as SubscriberStats
+from wirebus.transport import ZmqMessagePublisher as ZmqMessagePublisher
+from wirebus.transport import ZmqMessageSubscriber as ZmqMessageSubscriber
 
 __version__ = "0.1.0"

@@ -23,14 +23,15 @@ T = TypeVar("T")
 def make_topic(name: str | bytes) -> bytes:
     """Return ``name`` NUL-padded to :data:`TOPIC_FRAME_SIZE` bytes.
 
-    Raises ``ValueError`` when the name is empty, longer than the topic width, or contains a
-    NUL byte (which would make two names share one padded topic); ``TypeError`` when it is
-    neither ``str`` nor ``bytes``.
+    Trailing NULs are padding, so an already padded topic is returned unchanged. Raises
+    ``ValueError`` when the name is empty, longer than the topic width, or contains a NUL byte
+    (which would make two names share one padded topic); ``TypeError`` when it is neither
+    ``str`` nor ``bytes``.
     """
     if isinstance(name, str):
-        raw = name.encode()
+        raw = name.encode().rstrip(b"\0")
     elif isinstance(name, bytes):
-        raw = name
+        raw = name.rstrip(b"\0")
     else:
         raise TypeError(f"topic name must be str or bytes, got {type(name).__name__}: {name!r}")
     if not raw:

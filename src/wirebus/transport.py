@@ -1,0 +1,761 @@
+"""Pub/sub: typed publishers and subscribers over ZeroMQ, asyncio native, batching.
+
+A :class:`ZmqMessagePublisher` encodes items with its codec in :meth:`~ZmqMessagePublisher.publish`
+(which never blocks) and hands them to a writer thread that owns the socket. The writer batches
+consecutive items of one topic into a single-frame ZMQ message, so under load one send carries
+many items, and when idle an item goes out at once. A :class:`ZmqMessageSubscriber` drains its
+socket to EAGAIN in a reader callback and decodes and delivers batches in a task of its own, so
+neither a bad payload nor a failing :meth:`~MessageSubscriber.process` can stall it.
+
+Every message carries the publisher's id and per-topic sequence numbers, so a subscriber counts
+what the transport dropped (``stats.dropped``). The exact layout is in ``docs/wire-format.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import contextlib
+import logging
+import os
+import struct
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import zmq
+
+from wirebus import _endpoint
+from wirebus.codec import TOPIC_FRAME_SIZE, MessageCodec, check_codec, make_topic
+
+__all__ = [
+    "WIRE_VERSION",
+    "MessagePublisher",
+    "MessageSubscriber",
+    "PublisherStats",
+    "SubscriberStats",
+    "ZmqMessagePublisher",
+    "ZmqMessageSubscriber",
+]
+
+T = TypeVar("T")
+_Pub = TypeVar("_Pub", bound="MessagePublisher[Any]")
+_Sub = TypeVar("_Sub", bound="MessageSubscriber[Any]")
+
+logger = logging.getLogger("wirebus.transport")
+
+WIRE_VERSION = 1
+"""Version byte of the wire format written and accepted by this release."""
+
+# topic | version u8, flags u8, reserved u16, count u32, publisher id u64, first seq u64 |
+# count x u32 payload lengths | payloads
+_HEADER = struct.Struct("<BBHIQQ")
+_BODY = TOPIC_FRAME_SIZE + _HEADER.size
+_MAX_BATCH_ITEMS = 128
+_LENGTHS = [struct.Struct(f"<{n}I") for n in range(_MAX_BATCH_ITEMS + 1)]
+_DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+@dataclass
+class PublisherStats:
+    """Counters of one publisher. ``pending`` is published but not yet handed to ZMQ."""
+
+    published: int = 0
+    sent: int = 0
+    messages: int = 0
+    conflated: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.published - self.sent - self.conflated
+
+
+@dataclass
+class SubscriberStats:
+    """Counters of one subscriber.
+
+    ``received`` counts items that arrived (whether or not they decoded), ``dropped`` the
+    items known to be missing from sequence gaps, ``decode_errors`` payloads the codec
+    rejected, ``process_errors`` failed :meth:`~MessageSubscriber.process` calls and
+    ``malformed`` ZMQ messages that are not in the wirebus wire format.
+    """
+
+    received: int = 0
+    dropped: int = 0
+    decode_errors: int = 0
+    process_errors: int = 0
+    malformed: int = 0
+    messages: int = 0
+
+
+class MessagePublisher(ABC, Generic[T]):
+    """Publishes items of type ``T``; transport-agnostic."""
+
+    @abstractmethod
+    def publish(self, item: T) -> None:
+        """Queue ``item`` for sending. Never blocks; safe with or without a running loop."""
+
+    @abstractmethod
+    async def flush(self, timeout: float | None = None) -> None:
+        """Return once everything published so far is handed to the transport."""
+
+    @abstractmethod
+    def close(self, timeout: float | None = None) -> None:
+        """Send what is pending (within ``timeout`` if given), then release everything."""
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close, timeout)
+
+    def __enter__(self: _Pub) -> _Pub:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self: _Pub) -> _Pub:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class MessageSubscriber(ABC, Generic[T]):
+    """Receives items of type ``T``; transport-agnostic.
+
+    Subclasses deliver decoded batches to :meth:`process`. Override :meth:`process` to consume
+    batches directly; the default queues items for :meth:`receive` and ``async for``.
+    """
+
+    def __init__(self) -> None:
+        self._received: collections.deque[T] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._closed = False
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start receiving in the running event loop (also done by ``async with``)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving and release everything; idempotent."""
+
+    async def aclose(self) -> None:
+        """Close; awaitable form of :meth:`close`."""
+        self.close()
+
+    async def process(self, items: list[T]) -> None:
+        """Consume a batch of decoded items, in arrival order. Default: queue them."""
+        self._received.extend(items)
+        if self._arrived is not None:
+            self._arrived.set()
+
+    async def receive(self, timeout: float | None = None) -> T:
+        """Return the next queued item; ``TimeoutError`` when none arrives within ``timeout``.
+
+        Only meaningful while :meth:`process` is the default one.
+        """
+        while not self._received:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            if self._arrived is None:
+                self._arrived = asyncio.Event()
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"{self!r}: nothing arrived within {timeout} s") from None
+        return self._received.popleft()
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[T]:
+        while True:
+            try:
+                yield await self.receive()
+            except RuntimeError:
+                if self._closed:
+                    return
+                raise
+
+    def _wake_receivers(self) -> None:
+        if self._arrived is not None:
+            self._arrived.set()
+
+    async def on_error(self, exc: BaseException, payload: bytes | None) -> None:
+        """Called when the codec's ``on_decode_error`` or :meth:`process` raises.
+
+        ``payload`` is the payload that failed, or ``None`` for a failed batch. The default
+        logs the exception with its traceback. Reading goes on either way.
+        """
+        logger.error("%r: %s", self, exc, exc_info=exc)
+
+    def __enter__(self: _Sub) -> _Sub:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self: _Sub) -> _Sub:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Marker:
+    """A control entry in the publisher's queue, run by the writer thread in order."""
+
+    __slots__ = ("action",)
+
+    def __init__(self, action: Callable[[ZmqMessagePublisher[Any]], bool]) -> None:
+        self.action = action  # returns True when the writer must stop
+
+
+_live_publishers: weakref.WeakSet[ZmqMessagePublisher[Any]] = weakref.WeakSet()
+_EXIT_CLOSE_TIMEOUT = 2.0
+
+
+@atexit.register
+def _close_live_publishers() -> None:
+    for publisher in list(_live_publishers):
+        publisher.close(timeout=_EXIT_CLOSE_TIMEOUT)
+
+
+class ZmqMessagePublisher(MessagePublisher[T]):
+    """Publishes items over a ZMQ XPUB socket; see the module docstring and ``docs/pubsub.md``.
+
+    ``bind=True`` binds ``address`` (``tcp://127.0.0.1:*`` picks a free port; :attr:`address`
+    tells the one bound); ``bind=False`` connects to a bound subscriber (fan-in). With the
+    defaults (``sndhwm=0``, ``linger=-1``, ``immediate=True``) nothing published after a
+    subscriber is connected is lost. ``conflate=True`` sends only the newest pending item of a
+    run of one topic (pair it with ``conflate=True`` on the subscriber). Without ``context`` the
+    publisher owns a private ZMQ context, so that :meth:`close` can wait for delivery.
+    """
+
+    def __init__(
+        self,
+        codec: MessageCodec[T],
+        address: str,
+        *,
+        bind: bool = True,
+        context: zmq.Context[Any] | None = None,
+        sndhwm: int = 0,
+        linger: int = -1,
+        immediate: bool = True,
+        conflate: bool = False,
+        max_batch_bytes: int = 256 * 1024,
+        allow_any_interface: bool = False,
+    ) -> None:
+        check_codec(codec)
+        _endpoint.check_address(address, bind=bind, allow_any_interface=allow_any_interface)
+        if linger < -1:
+            raise ValueError(f"linger must be -1 (wait forever) or >= 0 ms, got {linger}")
+        if sndhwm < 0:
+            raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm}")
+        if max_batch_bytes < 1:
+            raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
+        self.codec = codec
+        self._encode = codec.encode
+        self.stats = PublisherStats()
+        self._linger = linger
+        self._conflate = conflate
+        self._max_batch_bytes = max_batch_bytes
+        self.publisher_id = int.from_bytes(os.urandom(8), "little")
+        self._seqs: dict[bytes, int] = {}
+        self._queue: collections.deque[tuple[bytes, bytes] | _Marker] = collections.deque()
+        self._closed = False
+        self._failure: Exception | None = None
+        self._sleeping = False
+        self._subscriptions = 0
+        self._subscription_waiters: list[tuple[int, Callable[[], object]]] = []
+        self._owns_context = context is None and not address.startswith("inproc://")
+        if context is not None:
+            self._context = context
+        elif self._owns_context:
+            self._context = zmq.Context(io_threads=1)
+        else:
+            self._context = zmq.Context.instance()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._socket: zmq.Socket[bytes] = self._context.socket(zmq.XPUB)
+        try:
+            sock = self._socket
+            sock.setsockopt(zmq.SNDHWM, sndhwm)
+            sock.setsockopt(zmq.IMMEDIATE, int(immediate))
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+            sock.setsockopt(zmq.LINGER, linger)
+            if bind:
+                self.address = _endpoint.bind(sock, address)
+            else:
+                self.address = _endpoint.connect(sock, address)
+        except BaseException:
+            self._release()
+            raise
+        self._thread = threading.Thread(
+            target=self._run, name=f"wirebus-publisher {self.address}", daemon=True
+        )
+        self._thread.start()
+        _live_publishers.add(self)
+
+    def __repr__(self) -> str:
+        return f"ZmqMessagePublisher({self.codec!r}, {self.address!r})"
+
+    # -- caller side -------------------------------------------------------------------------
+
+    def publish(self, item: T) -> None:
+        if self._closed:
+            raise RuntimeError(f"publish() on closed {self!r}")
+        if self._failure is not None:
+            raise RuntimeError(f"{self!r} cannot send: {self._failure!r}") from self._failure
+        topic, payload = self._encode(item)
+        if len(topic) != TOPIC_FRAME_SIZE:
+            raise ValueError(
+                f"{self.codec!r} encoded topic {topic!r} of {len(topic)} bytes; topics must be "
+                f"exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
+            )
+        self._queue.append((topic, payload))
+        self.stats.published += 1
+        if self._sleeping:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._sleeping = False
+        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
+            os.write(self._wake_w, b"\0")
+
+    def _put_marker(self, action: Callable[[ZmqMessagePublisher[Any]], bool]) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._failure is not None:
+            raise RuntimeError(f"{self!r} cannot send: {self._failure!r}") from self._failure
+        self._queue.append(_Marker(action))
+        self._wake()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def notify(_: ZmqMessagePublisher[Any]) -> bool:
+            loop.call_soon_threadsafe(_resolve, done)
+            return False
+
+        self._put_marker(notify)
+        await _wait(done, timeout, f"{self!r}: flush not done within {timeout} s")
+
+    async def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> None:
+        """Return once ``count`` subscriptions reached this publisher; ``TimeoutError`` otherwise.
+
+        Each topic a subscriber subscribes to is one subscription (the default, every topic,
+        is one). After this returns, items published reach those subscribers: no sleep is
+        needed against ZMQ's slow-joiner problem.
+        """
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def register(publisher: ZmqMessagePublisher[Any]) -> bool:
+            publisher._subscription_waiters.append(
+                (count, lambda: loop.call_soon_threadsafe(_resolve, done))
+            )
+            publisher._check_subscription_waiters()
+            return False
+
+        self._put_marker(register)
+        await _wait(
+            done,
+            timeout,
+            f"{self!r}: {self._subscriptions} of {count} subscriptions within {timeout} s",
+        )
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions currently known to this publisher."""
+        return self._subscriptions
+
+    def close(self, timeout: float | None = None) -> None:
+        """Send everything pending, then close the socket; idempotent.
+
+        Delivery waits up to ``linger`` ms (``-1``: until delivered), and at most ``timeout``
+        seconds when given; what is not delivered by then is dropped.
+        """
+        if self._closed:
+            return
+        linger = self._linger
+        if timeout is not None:
+            budget = max(0, int(timeout * 1000))
+            linger = budget if linger < 0 else min(linger, budget)
+        self._closed = True  # publish() refuses from here on; the close marker comes last
+        self._queue.append(_Marker(lambda publisher: publisher._finish(linger)))
+        self._wake()
+        self._thread.join()
+        _live_publishers.discard(self)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _release(self) -> None:
+        self._socket.close(linger=0)
+        if self._owns_context:
+            self._context.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        queue = self._queue
+        try:
+            while True:
+                self._read_subscriptions()
+                if not queue:
+                    self._sleeping = True
+                    if not queue:
+                        poller.poll()
+                        _drain_pipe(self._wake_r)
+                    self._sleeping = False
+                    continue
+                if self._send_pending():
+                    return
+        except Exception as exc:
+            logger.exception("%r: writer thread failed; closing the socket", self)
+            self._failure = exc
+            self._finish(0)
+
+    def _send_pending(self) -> bool:
+        """Send everything queued, batching runs of one topic; True when a marker said stop."""
+        popleft = self._queue.popleft
+        max_bytes = self._max_batch_bytes
+        batch: list[bytes] = []
+        topic = b""
+        size = 0
+        sent_batches = 0
+        while True:
+            try:
+                entry = popleft()
+            except IndexError:
+                break
+            if isinstance(entry, _Marker):
+                if batch:
+                    self._send_batch(topic, batch)
+                    batch = []
+                    topic = b""
+                if entry.action(self):
+                    return True
+                continue
+            item_topic, payload = entry
+            if item_topic != topic or len(batch) == _MAX_BATCH_ITEMS or size >= max_bytes:
+                if batch:
+                    self._send_batch(topic, batch)
+                    sent_batches += 1
+                    if sent_batches % 64 == 0:
+                        self._read_subscriptions()
+                batch = []
+                topic = item_topic
+                size = 0
+            batch.append(payload)
+            size += len(payload)
+        if batch:
+            self._send_batch(topic, batch)
+        return False
+
+    def _send_batch(self, topic: bytes, payloads: list[bytes]) -> None:
+        count = len(payloads)
+        first = self._seqs.get(topic, 0)
+        self._seqs[topic] = first + count
+        if self._conflate and count > 1:
+            self.stats.conflated += count - 1
+            first += count - 1
+            payloads = payloads[-1:]
+            count = 1
+        header = _HEADER.pack(WIRE_VERSION, 0, 0, count, self.publisher_id, first)
+        lengths = _LENGTHS[count].pack(*map(len, payloads))
+        self._socket.send(b"".join((topic, header, lengths, *payloads)))
+        self.stats.sent += count
+        self.stats.messages += 1
+
+    def _read_subscriptions(self) -> None:
+        sock = self._socket
+        changed = False
+        while True:
+            try:
+                message = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if message[:1] == b"\x01":
+                self._subscriptions += 1
+                changed = True
+            elif message[:1] == b"\x00":
+                self._subscriptions -= 1
+        if changed:
+            self._check_subscription_waiters()
+
+    def _check_subscription_waiters(self) -> None:
+        waiting = []
+        for count, notify in self._subscription_waiters:
+            if self._subscriptions >= count:
+                notify()
+            else:
+                waiting.append((count, notify))
+        self._subscription_waiters = waiting
+
+    def _finish(self, linger: int) -> bool:
+        self._socket.close(linger=linger)
+        if self._owns_context:
+            self._context.term()  # returns once pending messages are delivered or linger ends
+        return True
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _wait(future: asyncio.Future[None], timeout: float | None, message: str) -> None:
+    try:
+        await asyncio.wait_for(future, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(message) from None
+
+
+def _topic_filter(topic: str | bytes) -> bytes:
+    """``""``/``b""`` subscribes to every topic; anything else to that exact (padded) topic."""
+    if topic in (b"", ""):
+        return b""
+    return make_topic(topic)
+
+
+class ZmqMessageSubscriber(MessageSubscriber[T]):
+    """Receives items over a ZMQ SUB socket; see the module docstring and ``docs/pubsub.md``.
+
+    ``connect=True`` connects to a bound publisher; ``connect=False`` binds ``address`` so that
+    many publishers can connect to it (fan-in). ``topics`` are exact topic names (padded with
+    :func:`~wirebus.make_topic`); ``b""`` means every topic. ``conflate=True`` keeps only the
+    newest message per connection. Messages larger than ``max_message_size`` bytes (``-1``: no
+    limit) make ZMQ drop the connection of the peer that sent them.
+    """
+
+    def __init__(
+        self,
+        codec: MessageCodec[T],
+        address: str,
+        *,
+        connect: bool = True,
+        topics: Iterable[str | bytes] = (b"",),
+        context: zmq.Context[Any] | None = None,
+        rcvhwm: int = 0,
+        conflate: bool = False,
+        max_message_size: int = _DEFAULT_MAX_MESSAGE_SIZE,
+        allow_any_interface: bool = False,
+    ) -> None:
+        super().__init__()
+        check_codec(codec)
+        _endpoint.check_address(address, bind=not connect, allow_any_interface=allow_any_interface)
+        if isinstance(topics, (str, bytes)):
+            raise TypeError(f"topics must be an iterable of topic names, not {topics!r}")
+        filters = [_topic_filter(topic) for topic in topics]
+        if not filters:
+            raise ValueError("topics must name at least one topic (b'' for every topic)")
+        if rcvhwm < 0:
+            raise ValueError(f"rcvhwm must be >= 0 (0: no limit), got {rcvhwm}")
+        self.codec = codec
+        self.stats = SubscriberStats()
+        self._next_seq: dict[tuple[int, bytes], int] = {}
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending_frames: asyncio.Event | None = None
+        self._reading = False
+        self._socket: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(zmq.SUB)
+        try:
+            sock = self._socket
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+            if conflate:
+                sock.setsockopt(zmq.CONFLATE, 1)
+            for topic in filters:
+                sock.setsockopt(zmq.SUBSCRIBE, topic)
+            if connect:
+                self.address = _endpoint.connect(sock, address)
+            else:
+                self.address = _endpoint.bind(sock, address)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._fd: int = sock.getsockopt(zmq.FD)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.codec!r}, {self.address!r})"
+
+    async def start(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"start() on closed {self!r}")
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        self._pending_frames = asyncio.Event()
+        self._task = self._loop.create_task(self._consume(), name=f"wirebus {self!r}")
+        self._resume_reading()
+
+    # The reader: drain the edge-triggered FD to EAGAIN, every time, or it is never woken again.
+    def _on_readable(self) -> None:
+        frames = self._frames
+        recv = self._socket.recv
+        try:
+            while True:
+                frames.append(recv(zmq.NOBLOCK))
+                if len(frames) >= _MAX_BUFFERED_FRAMES:
+                    # Full: stop watching the FD; the consumer resumes and reads again at once.
+                    self._pause_reading()
+                    break
+        except zmq.Again:
+            pass
+        if frames and self._pending_frames is not None:
+            self._pending_frames.set()
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._loop is not None and not self._closed:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+            self._loop.call_soon(self._on_readable)  # the edge may have come and gone
+
+    async def _consume(self) -> None:
+        assert self._pending_frames is not None
+        pending = self._pending_frames
+        frames = self._frames
+        while True:
+            await pending.wait()
+            pending.clear()
+            while frames:
+                items: list[T] = []
+                failures: list[tuple[Exception, bytes | None]] = []
+                for _ in range(min(len(frames), _FRAMES_PER_BATCH)):
+                    self._decode_frame(frames.popleft(), items, failures)
+                for exc, payload in failures:
+                    await self._report(exc, payload)
+                if items:
+                    try:
+                        await self.process(items)
+                    except Exception as exc:
+                        self.stats.process_errors += 1
+                        await self._report(exc, None)
+                if not self._reading:
+                    self._resume_reading()
+                await asyncio.sleep(0)  # let the reader and other tasks run between batches
+
+    def _decode_frame(
+        self, frame: bytes, items: list[T], failures: list[tuple[Exception, bytes | None]]
+    ) -> None:
+        stats = self.stats
+        stats.messages += 1
+        size = len(frame)
+        try:
+            version, _flags, _reserved, count, publisher, first = _HEADER.unpack_from(
+                frame, TOPIC_FRAME_SIZE
+            )
+            if version != WIRE_VERSION:
+                raise ValueError(f"wire format version {version}, expected {WIRE_VERSION}")
+            if count > _MAX_BATCH_ITEMS:
+                raise ValueError(f"count {count} > {_MAX_BATCH_ITEMS}")
+            lengths = _LENGTHS[count].unpack_from(frame, _BODY)
+            offset = _BODY + 4 * count
+            if offset + sum(lengths) != size:
+                raise ValueError(f"payload lengths {lengths} do not add up to {size} bytes")
+        except (struct.error, ValueError) as exc:
+            stats.malformed += 1
+            failures.append((ValueError(f"malformed message of {size} bytes: {exc}"), frame))
+            return
+        key = (publisher, frame[:TOPIC_FRAME_SIZE])
+        expected = self._next_seq.get(key, 0)
+        if first > expected:
+            stats.dropped += first - expected
+        self._next_seq[key] = first + count
+        stats.received += count
+        view = memoryview(frame)
+        decode = self.codec.decode
+        for length in lengths:
+            payload = view[offset : offset + length]
+            offset += length
+            try:
+                items.append(decode(payload))
+            except Exception as exc:
+                stats.decode_errors += 1
+                try:
+                    fallback = self.codec.on_decode_error(payload, exc)
+                except Exception as raised:
+                    failures.append((raised, bytes(payload)))
+                    continue
+                if fallback is not None:
+                    items.append(fallback)
+
+    async def _report(self, exc: BaseException, payload: bytes | None) -> None:
+        try:
+            await self.on_error(exc, payload)
+        except Exception:
+            logger.exception("%r: on_error raised while handling %r", self, exc)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pause_reading()
+        if self._task is not None:
+            self._task.cancel()
+        self._socket.close(linger=0)
+        self._wake_receivers()
+
+    async def aclose(self) -> None:
+        task = self._task
+        self.close()
+        if task is not None and task is not asyncio.current_task():
+            await asyncio.gather(task, return_exceptions=True)
+
+
+_MAX_BUFFERED_FRAMES = 4096
+_FRAMES_PER_BATCH = 64
