@@ -159,3 +159,25 @@ def test_any_event_record_round_trips(record: EventRecord) -> None:
     topic, payload = codec.encode(record)
     assert len(topic) == TOPIC_FRAME_SIZE
     assert codec.decode(payload) == record
+
+
+def test_concatenated_decoder_decodes_payloads_laid_end_to_end() -> None:
+    codec = MsgspecCodec(Tick, topic="tick")
+    decode_many = codec.concatenated_decoder()
+    assert decode_many is not None
+    for count in (1, 15, 16, 128):
+        payloads = b"".join(codec.encode(Tick(i))[1] for i in range(count))
+        assert decode_many(payloads, count) == [Tick(i) for i in range(count)]
+    records = [EventRecord(SampleEventType.CHUNK, timestamp_ns=i) for i in range(20)]
+    event_codec = EventRecordCodec()
+    decode_records = event_codec.concatenated_decoder()
+    assert decode_records is not None
+    assert decode_records(b"".join(event_codec.encode(r)[1] for r in records), 20) == records
+
+
+def test_concatenated_decoder_steps_aside_for_an_overridden_decode() -> None:
+    class Doubling(MsgspecCodec[Tick]):
+        def decode(self, payload: bytes | memoryview) -> Tick:
+            return Tick(super().decode(payload).seq * 2)
+
+    assert Doubling(Tick, topic="tick").concatenated_decoder() is None

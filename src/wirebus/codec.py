@@ -113,5 +113,23 @@ class MsgspecCodec(Generic[T]):
     def on_decode_error(self, payload: bytes | memoryview, exc: Exception) -> T | None:
         raise exc
 
+    def concatenated_decoder(self) -> Callable[[bytes, int], list[T]] | None:
+        """Return a function decoding ``count`` payloads laid end to end, in one call.
+
+        An optional codec method the subscriber uses when present: msgpack payloads laid end
+        to end after an array header are one msgpack array, which msgspec decodes several
+        times faster than payload by payload. Returns ``None`` when a subclass overrides
+        :meth:`decode`, so that its ``decode`` is what runs.
+        """
+        if type(self).decode is not MsgspecCodec.decode:
+            return None
+        decoder = msgspec.msgpack.Decoder(list[self.type], dec_hook=self._dec_hook)  # type: ignore[name-defined]
+
+        def decode_concatenated(payloads: bytes, count: int) -> list[T]:
+            header = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
+            return decoder.decode(header + payloads)
+
+        return decode_concatenated
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.type.__name__})"

@@ -133,6 +133,10 @@ class EventRecordCodec(MsgspecCodec[EventRecord]):
 
     def __init__(self) -> None:
         super().__init__(EventRecord, topic=_topic_of)
+        self._encode_payload = self._encoder.encode
+
+    def encode(self, item: EventRecord) -> tuple[bytes, bytes]:
+        return item.event_type.topic, self._encode_payload(item)
 
     def _dec_hook(self, type_: type[Any], obj: Any) -> Any:
         if type_ is EventType:

@@ -61,14 +61,19 @@ _LENGTHS = [struct.Struct(f"<{n}I") for n in range(_MAX_BATCH_ITEMS + 1)]
 _DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class PublisherStats:
-    """Counters of one publisher. ``pending`` is published but not yet handed to ZMQ."""
+    """A snapshot of one publisher's counters.
 
-    published: int = 0
-    sent: int = 0
-    messages: int = 0
-    conflated: int = 0
+    ``published`` items were accepted by ``publish()``, ``sent`` handed to ZMQ in ``messages``
+    ZMQ messages, ``conflated`` superseded before sending (``conflate=True``); ``pending`` are
+    accepted but not yet handed to ZMQ.
+    """
+
+    published: int
+    sent: int
+    messages: int
+    conflated: int
 
     @property
     def pending(self) -> int:
@@ -284,14 +289,17 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
         self.codec = codec
         self._encode = codec.encode
-        self.stats = PublisherStats()
+        self._published = 0
+        self._sent = 0
+        self._messages = 0
+        self._conflated = 0
         self._linger = linger
         self._conflate = conflate
         self._max_batch_bytes = max_batch_bytes
         self.publisher_id = int.from_bytes(os.urandom(8), "little")
         self._seqs: dict[bytes, int] = {}
         self._queue: collections.deque[tuple[bytes, bytes] | _Marker] = collections.deque()
-        self._closed = False
+        self._refusal: str | None = None  # why publish() refuses: closed, or the writer failed
         self._failure: Exception | None = None
         self._sleeping = False
         self._subscriptions = 0
@@ -330,11 +338,14 @@ class ZmqMessagePublisher(MessagePublisher[T]):
 
     # -- caller side -------------------------------------------------------------------------
 
+    @property
+    def stats(self) -> PublisherStats:
+        """A snapshot of the counters."""
+        return PublisherStats(self._published, self._sent, self._messages, self._conflated)
+
     def publish(self, item: T) -> None:
-        if self._closed:
-            raise RuntimeError(f"publish() on closed {self!r}")
-        if self._failure is not None:
-            raise RuntimeError(f"{self!r} cannot send: {self._failure!r}") from self._failure
+        if self._refusal is not None:
+            raise RuntimeError(f"publish() on {self._refusal} {self!r}") from self._failure
         topic, payload = self._encode(item)
         if len(topic) != TOPIC_FRAME_SIZE:
             raise ValueError(
@@ -342,7 +353,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                 f"exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
             )
         self._queue.append((topic, payload))
-        self.stats.published += 1
+        self._published += 1
         if self._sleeping:
             self._wake()
 
@@ -352,10 +363,8 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             os.write(self._wake_w, b"\0")
 
     def _put_marker(self, action: Callable[[ZmqMessagePublisher[Any]], bool]) -> None:
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
-        if self._failure is not None:
-            raise RuntimeError(f"{self!r} cannot send: {self._failure!r}") from self._failure
+        if self._refusal is not None:
+            raise RuntimeError(f"{self._refusal} {self!r}") from self._failure
         self._queue.append(_Marker(action))
         self._wake()
 
@@ -407,13 +416,13 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         Delivery waits up to ``linger`` ms (``-1``: until delivered), and at most ``timeout``
         seconds when given; what is not delivered by then is dropped.
         """
-        if self._closed:
+        if self._refusal == "closed":
             return
         linger = self._linger
         if timeout is not None:
             budget = max(0, int(timeout * 1000))
             linger = budget if linger < 0 else min(linger, budget)
-        self._closed = True  # publish() refuses from here on; the close marker comes last
+        self._refusal = "closed"  # publish() refuses from here on; the close marker comes last
         self._queue.append(_Marker(lambda publisher: publisher._finish(linger)))
         self._wake()
         self._thread.join()
@@ -450,6 +459,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         except Exception as exc:
             logger.exception("%r: writer thread failed; closing the socket", self)
             self._failure = exc
+            self._refusal = f"failed ({exc!r})"
             self._finish(0)
 
     def _send_pending(self) -> bool:
@@ -494,15 +504,15 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         first = self._seqs.get(topic, 0)
         self._seqs[topic] = first + count
         if self._conflate and count > 1:
-            self.stats.conflated += count - 1
+            self._conflated += count - 1
             first += count - 1
             payloads = payloads[-1:]
             count = 1
         header = _HEADER.pack(WIRE_VERSION, 0, 0, count, self.publisher_id, first)
         lengths = _LENGTHS[count].pack(*map(len, payloads))
         self._socket.send(b"".join((topic, header, lengths, *payloads)))
-        self.stats.sent += count
-        self.stats.messages += 1
+        self._sent += count
+        self._messages += 1
 
     def _read_subscriptions(self) -> None:
         sock = self._socket
@@ -597,6 +607,10 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         if rcvhwm < 0:
             raise ValueError(f"rcvhwm must be >= 0 (0: no limit), got {rcvhwm}")
         self.codec = codec
+        concatenated_decoder = getattr(codec, "concatenated_decoder", None)
+        self._decode_concatenated: Callable[[bytes, int], list[T]] | None = (
+            concatenated_decoder() if concatenated_decoder is not None else None
+        )
         self.stats = SubscriberStats()
         self._next_seq: dict[tuple[int, bytes], int] = {}
         self._frames: collections.deque[bytes] = collections.deque()
@@ -717,6 +731,15 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             stats.dropped += first - expected
         self._next_seq[key] = first + count
         stats.received += count
+        if self._decode_concatenated is not None:
+            try:
+                batch = self._decode_concatenated(frame[offset:], count)
+            except Exception:
+                pass  # some payload is bad: decode one by one, so each failure is handled
+            else:
+                if len(batch) == count:
+                    items.extend(batch)
+                    return
         view = memoryview(frame)
         decode = self.codec.decode
         for length in lengths:
