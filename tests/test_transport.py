@@ -138,6 +138,7 @@ async def test_idle_item_goes_out_at_once(
     for seq in range(5):
         publisher.publish(Tick(seq))
         await subscriber.wait_until(lambda n=seq + 1: len(subscriber.items) == n, timeout=5)
+    await publisher.flush()  # the writer counts a message just after sending it
     assert subscriber.items == [Tick(s) for s in range(5)]
     assert publisher.stats.messages == 5
 
@@ -691,3 +692,72 @@ async def test_wirebus_subscriber_reads_a_raw_pyzmq_publisher(address: str) -> N
     assert subscriber.items[3].event_type is SampleEventType.COMPLETE
     assert subscriber.stats.dropped == 2
     assert subscriber.stats.received == 4
+
+
+# -- regressions found in review ------------------------------------------------------------
+
+
+async def test_conflating_receive_returns_the_newest(address: str) -> None:
+    publisher = ZmqMessagePublisher(tick_codec(), address, conflate=True)
+    try:
+        async with ZmqMessageSubscriber(tick_codec(), address, conflate=True) as subscriber:
+            await publisher.wait_for_subscribers(timeout=10)
+            for seq in range(1000):
+                publisher.publish(Tick(seq))
+                if seq % 100 == 0:
+                    await publisher.flush(timeout=10)  # several messages, not one
+            await publisher.flush(timeout=10)
+            deadline = time.monotonic() + 10
+            while subscriber.stats.received + subscriber.stats.dropped < 1000:
+                assert time.monotonic() < deadline, subscriber.stats
+                await asyncio.sleep(0.01)  # polling a counter, with a deadline
+            assert await subscriber.receive(timeout=1) == Tick(999)
+            with pytest.raises(TimeoutError):
+                await subscriber.receive(timeout=0.05)
+            assert subscriber.stats.dropped > 0
+    finally:
+        publisher.close()
+    assert publisher.stats.conflated > 0
+
+
+async def test_close_before_the_first_read_logs_nothing(
+    address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with ZmqMessageSubscriber(tick_codec(), address):
+        pass
+    await asyncio.sleep(0)  # let a callback scheduled by start() run, if any was left
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_wait_for_subscribers_reports_the_count_at_timeout(address: str) -> None:
+    with ZmqMessagePublisher(tick_codec(), address) as publisher:
+        async with ZmqMessageSubscriber(tick_codec(), address):
+            await publisher.wait_for_subscribers(1, timeout=10)
+            with pytest.raises(TimeoutError, match="1 of 2 subscriptions"):
+                await publisher.wait_for_subscribers(2, timeout=0.1)
+
+
+@pytest.mark.parametrize("spelling", ["tcp://0:*", "tcp://0.0.0.0:*", "tcp://*:*"])
+def test_every_interface_however_spelled_is_refused(spelling: str) -> None:
+    with pytest.raises(ValueError, match="every interface"):
+        ZmqMessagePublisher(tick_codec(), spelling)
+    with ZmqMessagePublisher(tick_codec(), "tcp://0.0.0.0:*", allow_any_interface=True) as pub:
+        assert pub.address.startswith("tcp://0.0.0.0:")
+
+
+async def test_max_batch_bytes_bounds_every_message(address: str) -> None:
+    ctx = zmq.Context.instance()
+    payload_codec = _Passthrough(bytes, topic=SAMPLE_TOPIC)
+    with ctx.socket(zmq.SUB) as raw:
+        raw.setsockopt(zmq.SUBSCRIBE, b"")
+        raw.connect(address)
+        with ZmqMessagePublisher(payload_codec, address, max_batch_bytes=4096) as publisher:
+            await publisher.wait_for_subscribers(timeout=10)
+            for _ in range(100):
+                publisher.publish(b"x" * 1000)
+        total = 0
+        while total < 100:
+            assert await asyncio.to_thread(raw.poll, 5000)
+            _, _, _, payloads = _parse(raw.recv())
+            assert sum(map(len, payloads)) <= 4096
+            total += len(payloads)

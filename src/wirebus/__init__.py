@@ -12,6 +12,14 @@ from wirebus.errors import KVStoreError as KVStoreError
 from wirebus.errors import ReadyTimeoutError as ReadyTimeoutError
 from wirebus.errors import ServiceStartupError as ServiceStartupError
 from wirebus.errors import WirebusError as WirebusError
+from wirebus.launcher import ServiceContext as ServiceContext
+from wirebus.launcher import ServiceLauncher as ServiceLauncher
+from wirebus.launcher import ServiceSpec as ServiceSpec
+from wirebus.launcher import run_service as run_service
+from wirebus.ready import ReadyCheckReceiver as ReadyCheckReceiver
+from wirebus.ready import ReadySignal as ReadySignal
+from wirebus.ready import notify_ready as notify_ready
+from wirebus.ready import send_ready_signal as send_ready_signal
 from wirebus.record import ErrorData as ErrorData
 from wirebus.record import ErrorEventType as ErrorEventType
 from wirebus.record import EventRecord as EventRecord

@@ -8,6 +8,7 @@ explicitly; an address in use is an ``OSError`` naming it.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import shutil
 import socket
@@ -88,11 +89,13 @@ def _ipc_in_use(path: str) -> bool:
     return True
 
 
-def bind(sock: zmq.Socket[bytes], address: str) -> str:
+def bind(sock: zmq.Socket[bytes], address: str, allow_any_interface: bool = False) -> str:
     """Bind ``sock`` to ``address`` and return the endpoint actually bound.
 
     libzmq silently takes over an ipc path another live socket is bound to; this refuses
-    instead. Any address already in use raises ``OSError(EADDRINUSE)`` naming it.
+    instead. Any address already in use raises ``OSError(EADDRINUSE)`` naming it. A tcp
+    endpoint that turns out to listen on every interface (however its host was spelled) is
+    unbound again and refused unless ``allow_any_interface``.
     """
     if address.startswith("ipc://") and _ipc_in_use(address[len("ipc://") :]):
         raise OSError(errno.EADDRINUSE, f"address in use: {address!r}")
@@ -104,7 +107,16 @@ def bind(sock: zmq.Socket[bytes], address: str) -> str:
         raise OSError(exc.errno, f"cannot bind {address!r}: {exc}") from None
     bound = sock.getsockopt(zmq.LAST_ENDPOINT)
     assert isinstance(bound, bytes)
-    return bound.decode()
+    endpoint = bound.decode()
+    if not allow_any_interface and endpoint.startswith("tcp://"):
+        host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+        if ipaddress.ip_address(host).is_unspecified:
+            sock.unbind(endpoint)
+            raise ValueError(
+                f"refusing to bind {address!r}: it listens on every interface ({endpoint}); "
+                "bind 127.0.0.1 or pass allow_any_interface=True"
+            )
+    return endpoint
 
 
 def connect(sock: zmq.Socket[bytes], address: str) -> str:

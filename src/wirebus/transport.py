@@ -21,6 +21,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -147,10 +148,11 @@ class MessageSubscriber(ABC, Generic[T]):
     batches directly; the default queues items for :meth:`receive` and ``async for``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, conflate: bool = False) -> None:
         self._received: collections.deque[T] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._closed = False
+        self._conflate = conflate
 
     @abstractmethod
     async def start(self) -> None:
@@ -165,7 +167,13 @@ class MessageSubscriber(ABC, Generic[T]):
         self.close()
 
     async def process(self, items: list[T]) -> None:
-        """Consume a batch of decoded items, in arrival order. Default: queue them."""
+        """Consume a batch of decoded items, in arrival order.
+
+        The default queues them for :meth:`receive`; a conflating subscriber's queue keeps
+        only the newest batch (one item per publisher).
+        """
+        if self._conflate:
+            self._received.clear()
         self._received.extend(items)
         if self._arrived is not None:
             self._arrived.set()
@@ -250,8 +258,9 @@ _EXIT_CLOSE_TIMEOUT = 2.0
 
 @atexit.register
 def _close_live_publishers() -> None:
+    deadline = time.monotonic() + _EXIT_CLOSE_TIMEOUT
     for publisher in list(_live_publishers):
-        publisher.close(timeout=_EXIT_CLOSE_TIMEOUT)
+        publisher.close(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class ZmqMessagePublisher(MessagePublisher[T]):
@@ -260,8 +269,9 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     ``bind=True`` binds ``address`` (``tcp://127.0.0.1:*`` picks a free port; :attr:`address`
     tells the one bound); ``bind=False`` connects to a bound subscriber (fan-in). With the
     defaults (``sndhwm=0``, ``linger=-1``, ``immediate=True``) nothing published after a
-    subscriber is connected is lost. ``conflate=True`` sends only the newest pending item of a
-    run of one topic (pair it with ``conflate=True`` on the subscriber). Without ``context`` the
+    subscriber is connected is lost. ``conflate=True`` sends only the newest of the items of one
+    topic pending when the writer gets to them (pair it with ``conflate=True`` on the
+    subscriber). Without ``context`` the
     publisher owns a private ZMQ context, so that :meth:`close` can wait for delivery.
     """
 
@@ -321,7 +331,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             sock.setsockopt(zmq.XPUB_VERBOSER, 1)
             sock.setsockopt(zmq.LINGER, linger)
             if bind:
-                self.address = _endpoint.bind(sock, address)
+                self.address = _endpoint.bind(sock, address, allow_any_interface)
             else:
                 self.address = _endpoint.connect(sock, address)
         except BaseException:
@@ -377,7 +387,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             return False
 
         self._put_marker(notify)
-        await _wait(done, timeout, f"{self!r}: flush not done within {timeout} s")
+        await _wait(done, timeout, lambda: f"{self!r}: flush not done within {timeout} s")
 
     async def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> None:
         """Return once ``count`` subscriptions reached this publisher; ``TimeoutError`` otherwise.
@@ -402,7 +412,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         await _wait(
             done,
             timeout,
-            f"{self!r}: {self._subscriptions} of {count} subscriptions within {timeout} s",
+            lambda: f"{self!r}: {self._subscriptions} of {count} subscriptions within {timeout} s",
         )
 
     @property
@@ -426,6 +436,10 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._queue.append(_Marker(lambda publisher: publisher._finish(linger)))
         self._wake()
         self._thread.join()
+        if self._queue:  # published from another thread while close() ran
+            logger.warning(
+                "%r: %d item(s) published during close() not sent", self, len(self._queue)
+            )
         _live_publishers.discard(self)
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -463,13 +477,17 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             self._finish(0)
 
     def _send_pending(self) -> bool:
-        """Send everything queued, batching runs of one topic; True when a marker said stop."""
+        """Send everything queued, batching runs of one topic; True when a marker said stop.
+
+        With ``conflate`` a run of one topic goes out as its newest item alone; the
+        sequence numbers of the superseded ones are skipped, so subscribers count them.
+        """
         popleft = self._queue.popleft
         max_bytes = self._max_batch_bytes
+        conflate = self._conflate
         batch: list[bytes] = []
         topic = b""
-        size = 0
-        sent_batches = 0
+        size = superseded = sent_batches = 0
         while True:
             try:
                 entry = popleft()
@@ -477,41 +495,40 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                 break
             if isinstance(entry, _Marker):
                 if batch:
-                    self._send_batch(topic, batch)
-                    batch = []
-                    topic = b""
+                    self._send_batch(topic, batch, superseded)
+                    batch, topic, size, superseded = [], b"", 0, 0
                 if entry.action(self):
                     return True
                 continue
             item_topic, payload = entry
-            if item_topic != topic or len(batch) == _MAX_BATCH_ITEMS or size >= max_bytes:
+            if item_topic != topic or (
+                not conflate and (len(batch) == _MAX_BATCH_ITEMS or size + len(payload) > max_bytes)
+            ):
                 if batch:
-                    self._send_batch(topic, batch)
+                    self._send_batch(topic, batch, superseded)
                     sent_batches += 1
                     if sent_batches % 64 == 0:
                         self._read_subscriptions()
-                batch = []
-                topic = item_topic
-                size = 0
-            batch.append(payload)
-            size += len(payload)
+                batch, topic, size, superseded = [], item_topic, 0, 0
+            if conflate and batch:
+                batch[0] = payload
+                superseded += 1
+            else:
+                batch.append(payload)
+                size += len(payload)
         if batch:
-            self._send_batch(topic, batch)
+            self._send_batch(topic, batch, superseded)
         return False
 
-    def _send_batch(self, topic: bytes, payloads: list[bytes]) -> None:
+    def _send_batch(self, topic: bytes, payloads: list[bytes], superseded: int) -> None:
         count = len(payloads)
-        first = self._seqs.get(topic, 0)
+        first = self._seqs.get(topic, 0) + superseded
         self._seqs[topic] = first + count
-        if self._conflate and count > 1:
-            self._conflated += count - 1
-            first += count - 1
-            payloads = payloads[-1:]
-            count = 1
         header = _HEADER.pack(WIRE_VERSION, 0, 0, count, self.publisher_id, first)
         lengths = _LENGTHS[count].pack(*map(len, payloads))
         self._socket.send(b"".join((topic, header, lengths, *payloads)))
         self._sent += count
+        self._conflated += superseded
         self._messages += 1
 
     def _read_subscriptions(self) -> None:
@@ -559,11 +576,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def _wait(future: asyncio.Future[None], timeout: float | None, message: str) -> None:
+async def _wait(
+    future: asyncio.Future[None], timeout: float | None, message: Callable[[], str]
+) -> None:
     try:
         await asyncio.wait_for(future, timeout)
     except asyncio.TimeoutError:
-        raise TimeoutError(message) from None
+        raise TimeoutError(message()) from None
 
 
 def _topic_filter(topic: str | bytes) -> bytes:
@@ -596,7 +615,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         max_message_size: int = _DEFAULT_MAX_MESSAGE_SIZE,
         allow_any_interface: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(conflate=conflate)
         check_codec(codec)
         _endpoint.check_address(address, bind=not connect, allow_any_interface=allow_any_interface)
         if isinstance(topics, (str, bytes)):
@@ -614,6 +633,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self.stats = SubscriberStats()
         self._next_seq: dict[tuple[int, bytes], int] = {}
         self._frames: collections.deque[bytes] = collections.deque()
+        self._newest: dict[bytes, bytes] = {}  # conflate: publisher id -> its newest frame
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending_frames: asyncio.Event | None = None
@@ -631,7 +651,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             if connect:
                 self.address = _endpoint.connect(sock, address)
             else:
-                self.address = _endpoint.bind(sock, address)
+                self.address = _endpoint.bind(sock, address, allow_any_interface)
         except BaseException:
             sock.close(linger=0)
             raise
@@ -654,19 +674,40 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
 
     # The reader: drain the edge-triggered FD to EAGAIN, every time, or it is never woken again.
     def _on_readable(self) -> None:
-        frames = self._frames
+        if self._closed:
+            return  # scheduled by start() or resume, but closed before it ran
         recv = self._socket.recv
-        try:
-            while True:
-                frames.append(recv(zmq.NOBLOCK))
-                if len(frames) >= _MAX_BUFFERED_FRAMES:
-                    # Full: stop watching the FD; the consumer resumes and reads again at once.
-                    self._pause_reading()
-                    break
-        except zmq.Again:
-            pass
-        if frames and self._pending_frames is not None:
+        if self._conflate:
+            newest = self._newest
+            try:
+                while True:
+                    frame = recv(zmq.NOBLOCK)
+                    newest[frame[_PUBLISHER_ID]] = frame  # older frames show up as seq gaps
+            except zmq.Again:
+                pass
+            pending = bool(newest)
+        else:
+            frames = self._frames
+            try:
+                while True:
+                    frames.append(recv(zmq.NOBLOCK))
+                    if len(frames) >= _MAX_BUFFERED_FRAMES:
+                        # Full: stop watching the FD; the consumer resumes and reads at once.
+                        self._pause_reading()
+                        break
+            except zmq.Again:
+                pass
+            pending = bool(frames)
+        if pending and self._pending_frames is not None:
             self._pending_frames.set()
+
+    def _take_frames(self) -> list[bytes]:
+        if self._conflate:
+            taken = list(self._newest.values())
+            self._newest.clear()
+            return taken
+        frames = self._frames
+        return [frames.popleft() for _ in range(min(len(frames), _FRAMES_PER_BATCH))]
 
     def _pause_reading(self) -> None:
         if self._reading and self._loop is not None:
@@ -682,15 +723,14 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     async def _consume(self) -> None:
         assert self._pending_frames is not None
         pending = self._pending_frames
-        frames = self._frames
         while True:
             await pending.wait()
             pending.clear()
-            while frames:
+            while taken := self._take_frames():
                 items: list[T] = []
                 failures: list[tuple[Exception, bytes | None]] = []
-                for _ in range(min(len(frames), _FRAMES_PER_BATCH)):
-                    self._decode_frame(frames.popleft(), items, failures)
+                for frame in taken:
+                    self._decode_frame(frame, items, failures)
                 for exc, payload in failures:
                     await self._report(exc, payload)
                 if items:
@@ -730,6 +770,11 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         if first > expected:
             stats.dropped += first - expected
         self._next_seq[key] = first + count
+        if self._conflate and count > 1:  # only the newest item of the message
+            offset += sum(lengths[:-1])
+            stats.dropped += count - 1
+            lengths = lengths[-1:]
+            count = 1
         stats.received += count
         if self._decode_concatenated is not None:
             try:
@@ -781,4 +826,5 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
 
 
 _MAX_BUFFERED_FRAMES = 4096
+_PUBLISHER_ID = slice(TOPIC_FRAME_SIZE + 8, TOPIC_FRAME_SIZE + 16)
 _FRAMES_PER_BATCH = 64
