@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+
+pytest_plugins = ["pytester"]
 
 
 def _children() -> set[int]:
@@ -59,6 +62,16 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked_children, f"{request.node.nodeid} left child processes {leaked_children}"
     leaked_shm = _shm() - shm
     assert not leaked_shm, f"{request.node.nodeid} left /dev/shm entries {leaked_shm}"
-    now = _fds()
-    leaked_fds = {fd: target for fd, target in now.items() if fds.get(fd) != target}
+    leaked_fds = _settled(lambda: {fd: t for fd, t in _fds().items() if fds.get(fd) != t})
     assert not leaked_fds, f"{request.node.nodeid} left file descriptors {leaked_fds}"
+
+
+def _settled(leftovers: Callable[[], dict[str, str]], timeout: float = 2.0) -> dict[str, str]:
+    """Poll ``leftovers`` until empty or ``timeout``: libzmq's reaper thread closes a socket's
+    fds a moment after ``close()`` returns."""
+    deadline = time.monotonic() + timeout
+    found = leftovers()
+    while found and time.monotonic() < deadline:
+        time.sleep(0.01)
+        found = leftovers()
+    return found

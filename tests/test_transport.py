@@ -615,6 +615,9 @@ async def test_fifty_open_close_cycles_leave_no_fd(address: str) -> None:
             await publisher.wait_for_subscribers(timeout=10)
             publisher.publish(Tick(1))
             await subscriber.wait_until(lambda s=subscriber: len(s.items) == 1)  # type: ignore[misc]
+    deadline = time.monotonic() + 2  # libzmq's reaper closes fds just after close()
+    while len(os.listdir("/proc/self/fd")) != before and time.monotonic() < deadline:  # noqa: ASYNC110 - an OS count, nothing to await
+        await asyncio.sleep(0.01)
     assert len(os.listdir("/proc/self/fd")) == before
     writers = [t for t in threading.enumerate() if t.name.startswith("wirebus-publisher")]
     assert writers == []
@@ -761,3 +764,30 @@ async def test_max_batch_bytes_bounds_every_message(address: str) -> None:
             _, _, _, payloads = _parse(raw.recv())
             assert sum(map(len, payloads)) <= 4096
             total += len(payloads)
+
+
+def test_a_timed_out_wait_does_not_break_the_publisher(address: str) -> None:
+    with ZmqMessagePublisher(tick_codec(), address) as publisher:
+        with pytest.raises(TimeoutError):
+            asyncio.run(publisher.wait_for_subscribers(1, timeout=0.05))  # its loop is then gone
+
+        async def later() -> None:
+            async with Collector(tick_codec(), address) as subscriber:
+                await publisher.wait_for_subscribers(1, timeout=10)
+                publisher.publish(Tick(1))
+                await subscriber.wait_until(lambda: subscriber.items == [Tick(1)])
+
+        asyncio.run(later())
+
+
+async def test_empty_payloads_never_take_the_one_call_decode(address: str) -> None:
+    publisher = ZmqMessagePublisher(_Passthrough(bytes, topic=SAMPLE_TOPIC), address)
+    codec = MsgspecCodec(int, topic=SAMPLE_TOPIC)
+    async with Collector(codec, address) as subscriber:
+        await publisher.wait_for_subscribers(timeout=10)
+        publisher.publish(b"\x01\x02")  # two msgpack values in one payload, then none
+        publisher.publish(b"")
+        publisher.close()
+        await subscriber.wait_until(lambda: len(subscriber.errors) == 2)
+    assert subscriber.items == []
+    assert subscriber.stats.decode_errors == 2

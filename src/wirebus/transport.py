@@ -313,7 +313,9 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._failure: Exception | None = None
         self._sleeping = False
         self._subscriptions = 0
-        self._subscription_waiters: list[tuple[int, Callable[[], object]]] = []
+        self._subscription_waiters: list[
+            tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]
+        ] = []
         self._owns_context = context is None and not address.startswith("inproc://")
         if context is not None:
             self._context = context
@@ -383,7 +385,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         done = loop.create_future()
 
         def notify(_: ZmqMessagePublisher[Any]) -> bool:
-            loop.call_soon_threadsafe(_resolve, done)
+            _notify(loop, done)
             return False
 
         self._put_marker(notify)
@@ -402,9 +404,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         done = loop.create_future()
 
         def register(publisher: ZmqMessagePublisher[Any]) -> bool:
-            publisher._subscription_waiters.append(
-                (count, lambda: loop.call_soon_threadsafe(_resolve, done))
-            )
+            publisher._subscription_waiters.append((count, loop, done))
             publisher._check_subscription_waiters()
             return False
 
@@ -436,10 +436,9 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._queue.append(_Marker(lambda publisher: publisher._finish(linger)))
         self._wake()
         self._thread.join()
-        if self._queue:  # published from another thread while close() ran
-            logger.warning(
-                "%r: %d item(s) published during close() not sent", self, len(self._queue)
-            )
+        unsent = sum(not isinstance(entry, _Marker) for entry in self._queue)
+        if unsent:  # published from another thread while close() ran
+            logger.warning("%r: %d item(s) published during close() not sent", self, unsent)
         _live_publishers.discard(self)
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -549,11 +548,11 @@ class ZmqMessagePublisher(MessagePublisher[T]):
 
     def _check_subscription_waiters(self) -> None:
         waiting = []
-        for count, notify in self._subscription_waiters:
+        for count, loop, future in self._subscription_waiters:
             if self._subscriptions >= count:
-                notify()
-            else:
-                waiting.append((count, notify))
+                _notify(loop, future)
+            elif not future.done():  # a waiter that timed out is forgotten
+                waiting.append((count, loop, future))
         self._subscription_waiters = waiting
 
     def _finish(self, linger: int) -> bool:
@@ -574,6 +573,13 @@ def _drain_pipe(fd: int) -> None:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _notify(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """Resolve ``future`` from the writer thread; its waiter may have timed out, its loop gone."""
+    if not future.done():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_resolve, future)
 
 
 async def _wait(
@@ -776,7 +782,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             lengths = lengths[-1:]
             count = 1
         stats.received += count
-        if self._decode_concatenated is not None:
+        if self._decode_concatenated is not None and 0 not in lengths:  # b"" is never msgpack
             try:
                 batch = self._decode_concatenated(frame[offset:], count)
             except Exception:
