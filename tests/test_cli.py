@@ -1,0 +1,160 @@
+"""The ``wirebus`` command, run as a real subprocess: demo, tail, kv show, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wirebus import EventRecord, SampleEventType
+from wirebus.kvstore import BasicKVStore
+from wirebus.services.event_logger import log_files
+from wirebus.services.event_publisher import EventPublisherService
+
+WIREBUS = [sys.executable, "-m", "wirebus.cli"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*WIREBUS, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _demo_leftovers() -> list[str]:
+    """wirebus services still running, and demo stores still in /dev/shm."""
+    left = [e for e in os.listdir("/dev/shm") if e.startswith("wirebus-demo-")]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"wirebus.services." in cmdline:
+            left.append(f"process {pid}: {cmdline!r}")
+    return left
+
+
+def test_demo_end_to_end_loses_nothing(tmp_path: Path) -> None:
+    result = run("demo", "--samples", "200", "--rate", "400", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "0 lost" in result.stdout
+    assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["published"] == summary["logged"] == summary["stored"]
+    assert summary["lost"] == 0
+    lines = sum(
+        len(Path(f).read_bytes().splitlines()) for f in log_files(tmp_path / "events.jsonl")
+    )
+    assert lines == summary["published"]
+    values = summary["values"]
+    assert values["samples_issued"] == 200
+    assert values["perf_samples_issued"] == 180  # the first tenth is warm-up
+    assert values["samples_completed"] + values["samples_failed"] == 200
+    assert values["perf_samples_completed"] + values["perf_samples_failed"] == 180
+    assert summary["series"]["latency_ms"]["count"] == values["perf_samples_completed"]
+    assert summary["exit_codes"] == {"event_logger": 0, "metrics_aggregator": 0}
+    assert _demo_leftovers() == []
+
+
+def test_ctrl_c_during_the_demo_leaves_nothing(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*WIREBUS, "demo", "--samples", "100000", "--rate", "200", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first progress line: services up, load running
+            if "issued" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while _demo_leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling for exits, with a deadline
+    assert _demo_leftovers() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bogus"], "invalid choice"),
+        (["demo", "--nope"], "unrecognized arguments"),
+        (["demo", "--samples", "0"], "samples must be >= 1, got 0"),
+        (["demo", "--rate", "-1"], "rate must be > 0, got -1"),
+        (["demo", "--samples", "5", "--out", "/proc/wirebus"], "not a writable directory"),
+        (["kv", "show", "/etc/hostname"], "cannot open '/etc/hostname' as a KV store"),
+        (["tail", "udp://127.0.0.1:9"], "unsupported address 'udp://127.0.0.1:9'"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_tail_says_it_is_waiting_and_times_out(wirebus_address: str) -> None:
+    result = run("tail", wirebus_address, "--timeout", "1.5")
+    assert result.returncode == 1
+    assert f"waiting for records on {wirebus_address}" in result.stderr
+    assert "nothing received" in result.stderr
+
+
+async def test_tail_prints_records_as_json_lines(wirebus_address: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *WIREBUS, "tail", wirebus_address, "--topic", "sample", "--count", "3",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with EventPublisherService(wirebus_address) as events:
+            await events.wait_for_subscribers(1, timeout=30)
+            events.session_started()  # another topic: filtered out
+            for i in range(3):
+                events.issued(f"u{i}", timestamp_ns=i)
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert lines == [
+        {"event_type": "sample.issued", "timestamp_ns": i, "sample_uuid": f"u{i}"} for i in range(3)
+    ]
+    assert EventRecord(SampleEventType.ISSUED).event_type.value == lines[0]["event_type"]
+
+
+def test_kv_show_table_and_prometheus(tmp_path: Path) -> None:
+    with BasicKVStore(tmp_path / "store") as store:
+        store.counter("requests").inc(7)
+        store.gauge("in_flight").set(3)
+        latency = store.series("latency_ms")
+        latency.extend([float(v) for v in range(1, 101)])
+        table = run("kv", "show", str(store.path))
+        prom = run("kv", "show", str(store.path), "--prometheus")
+    assert table.returncode == 0, table.stderr
+    assert "requests" in table.stdout
+    assert "latency_ms" in table.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in table.stdout.splitlines()[1:]}
+    assert float(rows["requests"][0]) == 7
+    assert float(rows["in_flight"][0]) == 3
+    assert int(rows["latency_ms"][0]) == 100
+    assert prom.returncode == 0, prom.stderr
+    families = {f.name: f for f in text_string_to_metric_families(prom.stdout)}
+    assert families["requests"].samples[0].value == 7
+    assert families["latency_ms"].type == "summary"
