@@ -12,6 +12,11 @@ from wirebus.errors import KVStoreError as KVStoreError
 from wirebus.errors import ReadyTimeoutError as ReadyTimeoutError
 from wirebus.errors import ServiceStartupError as ServiceStartupError
 from wirebus.errors import WirebusError as WirebusError
+from wirebus.kvstore import BasicKVStore as BasicKVStore
+from wirebus.kvstore import KVStore as KVStore
+from wirebus.kvstore import KVStoreReader as KVStoreReader
+from wirebus.kvstore import SeriesSummary as SeriesSummary
+from wirebus.kvstore import SeriesView as SeriesView
 from wirebus.launcher import ServiceContext as ServiceContext
 from wirebus.launcher import ServiceLauncher as ServiceLauncher
 from wirebus.launcher import ServiceSpec as ServiceSpec

@@ -1,0 +1,95 @@
+"""The public surface: every name the API contract lists is importable from ``wirebus``,
+and every module's ``__all__`` names things that exist (as anyio's test_all_attributes)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import wirebus
+
+CONTRACT = {
+    "wirebus.codec": ["TOPIC_FRAME_SIZE", "make_topic", "MessageCodec", "MsgspecCodec"],
+    "wirebus.record": [
+        "SessionEventType",
+        "SampleEventType",
+        "ErrorEventType",
+        "ErrorData",
+        "PromptData",
+        "TextModelOutput",
+        "EventRecord",
+        "EventRecordCodec",
+    ],
+    "wirebus.transport": [
+        "MessagePublisher",
+        "MessageSubscriber",
+        "ZmqMessagePublisher",
+        "ZmqMessageSubscriber",
+    ],
+    "wirebus.kvstore": ["KVStore", "BasicKVStore", "KVStoreReader"],
+    "wirebus.ready": ["ReadySignal", "ReadyCheckReceiver", "send_ready_signal", "notify_ready"],
+    "wirebus.launcher": ["ServiceSpec", "ServiceLauncher"],
+    "wirebus.errors": [
+        "WirebusError",
+        "ServiceStartupError",
+        "ReadyTimeoutError",
+        "KVStoreError",
+    ],
+}
+MODULES = [
+    *CONTRACT,
+    "wirebus.testing",
+    "wirebus.demo",
+    "wirebus.cli",
+    "wirebus.services.event_logger",
+    "wirebus.services.event_publisher",
+    "wirebus.services.metrics_aggregator",
+]
+
+
+@pytest.mark.parametrize(("module", "names"), CONTRACT.items())
+def test_contract_names_are_top_level_and_the_same_objects(module: str, names: list[str]) -> None:
+    mod = importlib.import_module(module)
+    for name in names:
+        assert getattr(wirebus, name) is getattr(mod, name), f"wirebus.{name}"
+        assert name in mod.__all__, f"{module}.__all__ lacks {name}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_all_lists_existing_documented_names(module: str) -> None:
+    mod = importlib.import_module(module)
+    assert mod.__doc__, f"{module} has no docstring"
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__doc__, f"{module}.{name} has no docstring"
+
+
+def test_error_tree() -> None:
+    assert issubclass(wirebus.ReadyTimeoutError, TimeoutError)
+    for error in (wirebus.ServiceStartupError, wirebus.ReadyTimeoutError, wirebus.KVStoreError):
+        assert issubclass(error, wirebus.WirebusError)
+
+
+def test_py_typed_is_shipped() -> None:
+    from importlib.resources import files
+
+    assert files("wirebus").joinpath("py.typed").is_file()
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Tick(seq=2, price=102.0)" in result.stdout
+    assert "received=3, dropped=0" in result.stdout
