@@ -105,9 +105,37 @@ def _live_view(total: int) -> Any:
     if not sys.stdout.isatty():
         yield plain_view(sys.stdout, total)
         return
-    console = Console()
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-        yield lambda snapshot: live.update(progress_line(snapshot, total))
+    with Live(console=Console(), refresh_per_second=4, transient=False) as live:
+        yield lambda snapshot: live.update(_live_table(snapshot, total, progress_line))
+
+
+def _live_table(snapshot: Any, total: int, fallback: Callable[[Any, int], str]) -> Any:
+    """The terminal view: a progress bar and the headline metrics of the newest snapshot."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    if snapshot is None:
+        return fallback(snapshot, total)
+    v, s = snapshot.values, snapshot.series
+    done = int(v.get("samples_completed", 0) + v.get("samples_failed", 0))
+    table = Table.grid(padding=(0, 2))
+    table.add_row("wirebus demo", f"{v.get('elapsed_s', 0.0):.1f} s")
+    table.add_row(ProgressBar(total=total, completed=done, width=40), f"{done}/{total} done")
+    table.add_row(
+        "issued / failed / in flight",
+        f"{int(v.get('samples_issued', 0))} / {int(v.get('samples_failed', 0))}"
+        f" / {int(v.get('in_flight', 0))}",
+    )
+    table.add_row(
+        "throughput (tracked)",
+        f"{v.get('perf_samples_per_s', 0.0):.1f} samples/s, "
+        f"{v.get('perf_output_tokens_per_s', 0.0):,.0f} tokens/s",
+    )
+    for name in ("ttft_ms", "latency_ms", "tpot_ms"):
+        st = s.get(name)
+        if st is not None and st.count:
+            table.add_row(name, f"p50 {st.p50:.1f}  p90 {st.p90:.1f}  p99 {st.p99:.1f}")
+    return table
 
 
 # -- tail ------------------------------------------------------------------------------------
