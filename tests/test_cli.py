@@ -61,7 +61,9 @@ def test_demo_end_to_end_loses_nothing(tmp_path: Path) -> None:
     assert _demo_leftovers() == []
 
 
-def test_ctrl_c_during_the_demo_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_stopping_the_demo_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C, a kill, or the terminal going away: services stopped, /dev/shm clean."""
     proc = subprocess.Popen(
         [*WIREBUS, "demo", "--samples", "100000", "--rate", "200", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
@@ -73,7 +75,7 @@ def test_ctrl_c_during_the_demo_leaves_nothing(tmp_path: Path) -> None:
         for line in proc.stdout:  # the first progress line: services up, load running
             if "issued" in line:
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

@@ -17,6 +17,7 @@ from wirebus.kvstore import KVStore as KVStore
 from wirebus.kvstore import KVStoreReader as KVStoreReader
 from wirebus.kvstore import SeriesSummary as SeriesSummary
 from wirebus.kvstore import SeriesView as SeriesView
+from wirebus.kvstore import cleanup_stale as cleanup_stale
 from wirebus.launcher import ServiceContext as ServiceContext
 from wirebus.launcher import ServiceLauncher as ServiceLauncher
 from wirebus.launcher import ServiceSpec as ServiceSpec

@@ -47,20 +47,25 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise _Failure(message, code)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro``; SIGINT cancels it (so its cleanup runs) and exits 130."""
+    """Run ``coro``; SIGINT, SIGTERM or SIGHUP cancels it (so its cleanup runs): exit 130."""
 
     async def guarded() -> int:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, task.cancel)
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, task.cancel)
         try:
             return await task
         except asyncio.CancelledError:
             print("wirebus: interrupted", file=sys.stderr)
             return 130
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            for sig in _STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
 
     return asyncio.run(guarded())
 

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import math
 import mmap
+import numbers
 import os
 import re
 import struct
@@ -25,9 +26,9 @@ import tempfile
 import weakref
 from abc import ABC, abstractmethod
 from array import array
-from bisect import bisect_right
-from collections.abc import Iterable, Sequence
-from itertools import accumulate
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate, islice
 from operator import mul
 from types import TracebackType
 from typing import NamedTuple, TypeVar, cast
@@ -172,10 +173,13 @@ def _representative(key: int) -> float:
 
 
 def _sort_key(key: int) -> int:
-    if key in (_ZERO_POS_KEY, _ZERO_NEG_KEY):
+    """A distinct integer per bucket key, ordered like the buckets' values."""
+    if key == _ZERO_NEG_KEY:
         return 0
-    magnitude = (key & _KEY_MAGNITUDE) + 1
-    return -magnitude if key & _KEY_SIGN else magnitude
+    if key == _ZERO_POS_KEY:
+        return 1
+    magnitude = key & _KEY_MAGNITUDE
+    return -1 - magnitude if key & _KEY_SIGN else 2 + magnitude
 
 
 def _bucket_counts(raw: bytes) -> dict[int, int]:
@@ -903,7 +907,7 @@ class _Tail:
         self.min = math.inf
         self.max = -math.inf
 
-    def add(self, words: list[int], hist: _Hist) -> None:
+    def add(self, words: list[int], add_buckets: Callable[[dict[int, int]], None]) -> None:
         for start in range(0, len(words), _PUBLISH_EVERY):
             part = words[start : start + _PUBLISH_EVERY]
             batch = _fold(array("q", part).tobytes())
@@ -912,66 +916,77 @@ class _Tail:
             self.sum += batch.sum
             self.min = min(self.min, batch.min)
             self.max = max(self.max, batch.max)
-            hist.add(batch.counts)
+            add_buckets(batch.counts)
 
 
 class _Hist:
-    """Histogram buckets kept in value order: keys, representatives and counts."""
+    """Histogram buckets kept in value order: sort keys, representatives, counts, and the
+    cumulative counts (brought up to date lazily from the first changed bucket)."""
 
-    __slots__ = ("at", "counts", "order", "reps", "sort_keys")
+    __slots__ = ("counts", "cumulative", "dirty", "reps", "sort_keys")
 
     def __init__(self, buckets: dict[int, int]) -> None:
-        self.order = sorted(buckets, key=_sort_key)
-        self.sort_keys = [_sort_key(key) for key in self.order]
-        self.reps = [_representative(key) for key in self.order]
-        self.counts = [buckets[key] for key in self.order]
-        self.at = {key: i for i, key in enumerate(self.order)}
+        order = sorted(buckets, key=_sort_key)
+        self.sort_keys = [_sort_key(key) for key in order]
+        self.reps = [_representative(key) for key in order]
+        self.counts = [buckets[key] for key in order]
+        self.cumulative = list(accumulate(self.counts))
+        self.dirty = len(self.counts)
 
     def add(self, buckets: dict[int, int]) -> None:
-        fresh = [key for key in buckets if key not in self.at]
-        if fresh:
-            for key in fresh:
-                sort_key = _sort_key(key)
-                i = bisect_right(self.sort_keys, sort_key)
-                self.sort_keys.insert(i, sort_key)
-                self.order.insert(i, key)
-                self.reps.insert(i, _representative(key))
-                self.counts.insert(i, 0)
-            self.at = {key: i for i, key in enumerate(self.order)}
-        counts, at = self.counts, self.at
+        sort_keys, counts, dirty = self.sort_keys, self.counts, self.dirty
         for key, n in buckets.items():
-            counts[at[key]] += n
+            sort_key = _sort_key(key)
+            i = bisect_left(sort_keys, sort_key)
+            if i < len(sort_keys) and sort_keys[i] == sort_key:
+                counts[i] += n
+            else:
+                sort_keys.insert(i, sort_key)
+                self.reps.insert(i, _representative(key))
+                counts.insert(i, n)
+            dirty = min(dirty, i)
+        self.dirty = dirty
 
-    def as_dict(self) -> dict[int, int]:
-        return dict(zip(self.order, self.counts, strict=True))
+    def cumulate(self) -> list[int]:
+        i = self.dirty
+        if i < len(self.counts):
+            start = self.cumulative[i - 1] if i else 0
+            self.cumulative[i:] = islice(accumulate(self.counts[i:], initial=start), 1, None)
+            self.dirty = len(self.counts)
+        return self.cumulative
 
 
-class _Stats(NamedTuple):
-    n: int
-    nan: int
-    sum: float
-    min: float
-    max: float
-    reps: list[float]
-    cumulative: list[int]
+class _Stats:
+    """One prefix of a series. Its lists are shared with the view's histogram, so a _Stats is
+    only valid until the view's next read."""
+
+    __slots__ = ("cumulative", "max", "min", "n", "nan", "reps", "sum")
+
+    def __init__(self, pub: _Published, tail: _Tail, hist: _Hist) -> None:
+        lo, hi = (pub.min, pub.max) if pub.n > pub.nan else (math.inf, -math.inf)
+        self.n = pub.n + tail.n
+        self.nan = pub.nan + tail.nan
+        self.sum = pub.sum + tail.sum
+        self.min = min(lo, tail.min)
+        self.max = max(hi, tail.max)
+        self.reps = hist.reps
+        self.cumulative = hist.cumulate()
 
     def percentiles(self, qs: Iterable[float]) -> list[float]:
-        if not self.cumulative:
+        cumulative, reps, lo, hi = self.cumulative, self.reps, self.min, self.max
+        if not cumulative:
             return [math.nan for _ in qs]
-        last = self.cumulative[-1] - 1
-        out = []
-        for q in qs:
-            value = self.reps[bisect_right(self.cumulative, int(q * last / 100.0))]
-            out.append(min(max(value, self.min), self.max))
-        return out
+        last = cumulative[-1] - 1
+        return [min(max(reps[bisect_right(cumulative, int(q * last / 100.0))], lo), hi) for q in qs]
 
 
 def _check_percent(q: object) -> float:
-    if not isinstance(q, (int, float)) or isinstance(q, bool):
+    if isinstance(q, bool) or not isinstance(q, numbers.Real):
         raise TypeError(f"percentile must be a number in [0, 100], got {type(q).__name__}: {q!r}")
-    if not 0.0 <= q <= 100.0:
+    value = float(q)
+    if not 0.0 <= value <= 100.0:
         raise ValueError(f"percentile {q!r} is not in [0, 100]")
-    return float(q)
+    return value
 
 
 class SeriesView:
@@ -1004,7 +1019,7 @@ class SeriesView:
         self._pub = _Published(0, 0, 0.0, math.inf, -math.inf, {})
         self._hist = _Hist({})
         self._tail = _Tail()
-        self._probe: tuple[int, memoryview[int], int] | None = None
+        self._probe: tuple[int, memoryview[int], int, int] | None = None
         self._stats: tuple[tuple[bytes, int], _Stats] | None = None
 
     @property
@@ -1099,7 +1114,8 @@ class SeriesView:
                 break
             view, first, end = where
             words = view[first : min(end, first + stop - start)].tolist()
-            if False:
+            if 0 in words:
+                out += words[: words.index(0)]
                 break
             out += words
             start += len(words)
@@ -1110,21 +1126,9 @@ class SeriesView:
         pub = self._published()
         tail = self._read_tail(pub.n)
         key = (self._pub_raw, tail.n)
-        if self._stats is not None and self._stats[0] == key:
-            return self._stats[1]
-        hist = self._hist
-        lo, hi = (pub.min, pub.max) if pub.n > pub.nan else (math.inf, -math.inf)
-        stats = _Stats(
-            n=pub.n + tail.n,
-            nan=pub.nan + tail.nan,
-            sum=pub.sum + tail.sum,
-            min=min(lo, tail.min),
-            max=max(hi, tail.max),
-            reps=list(hist.reps),
-            cumulative=list(accumulate(hist.counts)),
-        )
-        self._stats = (key, stats)
-        return stats
+        if self._stats is None or self._stats[0] != key:
+            self._stats = (key, _Stats(pub, tail, self._hist))
+        return self._stats[1]
 
     def _published(self) -> _Published:
         """The last summary the writer committed, validated against its check word."""
@@ -1183,28 +1187,33 @@ class SeriesView:
         """Summarise every readable value: for a summary that never validates (its writer died
         while committing it)."""
         total = _Tail()
-        hist = _Hist({})
-        total.add(self._words(0, _VSEG_START[-1]), hist)
-        return _Published(total.n, total.nan, total.sum, total.min, total.max, hist.as_dict())
+        buckets: collections.Counter[int] = collections.Counter()
+        total.add(self._words(0, _VSEG_START[-1]), buckets.update)
+        return _Published(total.n, total.nan, total.sum, total.min, total.max, dict(buckets))
 
     def _read_tail(self, published: int) -> _Tail:
         """Fold in the values written after the published summary that were not seen yet."""
         tail = self._tail
         start = published + tail.n
-        probe = self._probe
-        if probe is not None and probe[0] == start and not probe[1][probe[2]]:
-            return tail
         stop = published + _PUBLISH_EVERY
+        where = self._probe[1:] if self._probe is not None and self._probe[0] == start else None
         step = 64
         while start < stop:
-            words = self._words(start, min(stop, start + step))
-            tail.add(words, self._hist)
-            start += len(words)
-            if len(words) < step:
+            where = where or self._segment(start)
+            if where is None:
                 break
+            view, first, end = where
+            if not view[first]:
+                break
+            words = view[first : min(end, first + stop - start, first + step)].tolist()
+            if 0 in words:
+                words = words[: words.index(0)]
+            tail.add(words, self._hist.add)
+            start += len(words)
+            first += len(words)
+            where = (view, first, end) if first < end else None
             step *= 4
-        where = self._segment(start)
-        self._probe = None if where is None else (start, where[0], where[1])
+        self._probe = None if where is None else (start, *where)
         return tail
 
 
