@@ -31,10 +31,11 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, islice
 from operator import mul
 from types import TracebackType
-from typing import NamedTuple, TypeVar, cast
+from typing import NamedTuple, cast
 
 import msgspec
 
+from wirebus._resource import Resource
 from wirebus.errors import KVStoreError
 
 __all__ = [
@@ -120,7 +121,6 @@ _MIX_DIGEST = 0x17C3_A58E_2D9F_06B1
 _NAME_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
 _STORE_FILE = re.compile(rf"\.?chunk-\d{{6}}(\.tmp)?|{_LOCK_NAME}")
 
-_StoreT = TypeVar("_StoreT", bound="KVStore")
 
 
 def _bits(x: float) -> int:
@@ -356,7 +356,7 @@ class Series(ABC):
         """The number of observations appended so far."""
 
 
-class KVStore(ABC):
+class KVStore(Resource):
     """The interface a metrics backend implements: named counters, gauges and series.
 
     Asking twice for the same name returns the same handle; asking for an existing name as
@@ -378,17 +378,6 @@ class KVStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the store; handles used afterwards raise ``RuntimeError``. Idempotent."""
-
-    def __enter__(self: _StoreT) -> _StoreT:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class _ShmCounter(Counter):
@@ -1223,7 +1212,7 @@ class _KeyInfo(NamedTuple):
     word: int
 
 
-class KVStoreReader:
+class KVStoreReader(Resource):
     """A read-only view of a store written by a :class:`BasicKVStore`, in any process.
 
     Opening a path that is not a store, a truncated store or a store of another format version
@@ -1320,17 +1309,6 @@ class KVStoreReader:
         self._maps.clear()
         self._keys.clear()
         self._views.clear()
-
-    def __enter__(self) -> KVStoreReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<KVStoreReader {self.path!r}{' (closed)' if self._closed else ''}>"

@@ -21,7 +21,6 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from types import TracebackType
 from typing import Any
 
 import msgspec
@@ -29,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from wirebus._endpoint import bind, check_address, connect, new_ipc_address, remove_ipc_dir
+from wirebus._resource import Resource
 from wirebus.errors import ReadyTimeoutError
 
 __all__ = [
@@ -112,7 +112,7 @@ def _accept_signal(
     ready[signal.identity] = signal
 
 
-class ReadyCheckReceiver:
+class ReadyCheckReceiver(Resource):
     """A bound PULL socket that collects ready signals.
 
     ``address`` None binds a fresh ``ipc://`` endpoint in a private directory (removed on
@@ -294,28 +294,6 @@ class ReadyCheckReceiver:
             self._context.term()
         if self._owned_address is not None:
             remove_ipc_dir(self._owned_address)
-
-    def __enter__(self) -> ReadyCheckReceiver:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> ReadyCheckReceiver:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
