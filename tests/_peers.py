@@ -3,15 +3,99 @@
 publish ADDRESS N bind|connect
     wait for one subscriber, publish N EventRecords (timestamp_ns = 0..N-1, sample topic) as
     fast as possible, then close (which delivers what is pending).
+
+Also :class:`Peer`, the test-side handle on such a peer process (used by the topology and
+network-namespace tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from wirebus import EventRecord, EventRecordCodec, SampleEventType
 from wirebus.transport import ZmqMessagePublisher
+
+
+class Peer:
+    """A peer process that prints JSON lines; ``state`` merges every line it printed so far.
+
+    ``prefix`` goes before the command (e.g. ``ip netns exec NS``). ``send`` writes a line to
+    its stdin. ``close`` kills it if it still runs and reaps it.
+    """
+
+    def __init__(self, script: str, *args: str, prefix: Sequence[str] = ()) -> None:
+        command = [*prefix, sys.executable, script, *args]
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.state: dict[str, Any] = {}
+        self._stderr: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.state = {**self.state, **json.loads(line)}
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self._stderr.extend(self.proc.stderr)
+
+    async def wait_for(self, condition: Callable[[dict[str, Any]], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition(self.state):
+            if self.proc.poll() is not None:
+                await asyncio.to_thread(self._threads[0].join, 5)  # its last lines
+                if condition(self.state):
+                    return
+                raise AssertionError(f"peer exited {self.proc.returncode}: {self.describe()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met within {timeout} s: {self.describe()}")
+            await asyncio.sleep(0.01)  # polling another process's reports, with a deadline
+
+    async def finish(self, timeout: float = 15) -> dict[str, Any]:
+        """Wait for a clean exit; the merged state of everything it printed."""
+        code = await asyncio.to_thread(self.proc.wait, timeout)
+        await asyncio.to_thread(self._threads[0].join, 5)
+        assert code == 0, self.describe()
+        return self.state
+
+    def describe(self) -> str:
+        return f"state={self.state} stderr={''.join(self._stderr)[-3000:]!r}"
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    stream.close()
 
 
 def _records(n: int) -> list[EventRecord]:

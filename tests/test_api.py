@@ -43,6 +43,7 @@ CONTRACT = {
 }
 MODULES = [
     *CONTRACT,
+    "wirebus.security",
     "wirebus.testing",
     "wirebus.demo",
     "wirebus.cli",

@@ -31,6 +31,7 @@ from wirebus import (
     make_topic,
 )
 from wirebus.record import SAMPLE_TOPIC, SESSION_TOPIC
+from wirebus.testing import CollectingSubscriber
 from wirebus.transport import (
     WIRE_VERSION,
     ZmqMessagePublisher,
@@ -48,36 +49,8 @@ def tick_codec(topic: str = "tick") -> MsgspecCodec[Tick]:
     return MsgspecCodec(Tick, topic=topic)
 
 
-class Collector(ZmqMessageSubscriber[Any]):
-    """Keeps every batch and every error it is given."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.items: list[Any] = []
-        self.errors: list[tuple[BaseException, bytes | None]] = []
-        self.changed = asyncio.Event()
-
-    async def process(self, items: list[Any]) -> None:
-        self.items.extend(items)
-        self.changed.set()
-
-    async def on_error(self, exc: BaseException, payload: bytes | None) -> None:
-        self.errors.append((exc, payload))
-        self.changed.set()
-
-    async def wait_until(self, condition: Any, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"condition not met; stats={self.stats}, items={len(self.items)}"
-                )
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                continue
+class Collector(CollectingSubscriber[Any]):
+    """The plugin's collecting subscriber, for any item type."""
 
 
 @pytest.fixture

@@ -34,6 +34,12 @@ from wirebus.record import PromptData as PromptData
 from wirebus.record import SampleEventType as SampleEventType
 from wirebus.record import SessionEventType as SessionEventType
 from wirebus.record import TextModelOutput as TextModelOutput
+from wirebus.security import CurveClient as CurveClient
+from wirebus.security import CurveServer as CurveServer
+from wirebus.security import generate_curve_keypair as generate_curve_keypair
+from wirebus.security import load_curve_keys as load_curve_keys
+from wirebus.security import load_curve_public_keys as load_curve_public_keys
+from wirebus.security import save_curve_keypair as save_curve_keypair
 from wirebus.transport import MessagePublisher as MessagePublisher
 from wirebus.transport import MessageSubscriber as MessageSubscriber
 from wirebus.transport import PublisherStats as PublisherStats

@@ -122,7 +122,6 @@ _NAME_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
 _STORE_FILE = re.compile(rf"\.?chunk-\d{{6}}(\.tmp)?|{_LOCK_NAME}")
 
 
-
 def _bits(x: float) -> int:
     bits: int = _U64.unpack(_F64.pack(x))[0]
     return bits

@@ -54,20 +54,26 @@ class CollectingSubscriber(ZmqMessageSubscriber[T]):
         self.errors.append((exc, payload))
         self._changed.set()
 
-    async def wait_for(self, count: int, timeout: float = 10.0) -> list[T]:
-        """Return ``items`` once it holds at least ``count``; ``TimeoutError`` otherwise."""
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Return once ``condition()`` holds, checked as items and errors arrive;
+        ``TimeoutError`` (with the stats) otherwise."""
         deadline = time.monotonic() + timeout
-        while len(self.items) < count:
+        while not condition():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
-                    f"{self!r}: {len(self.items)} of {count} items within {timeout} s"
+                    f"{self!r}: condition not met within {timeout} s; {len(self.items)} items, "
+                    f"{self.stats}"
                 )
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
                 continue
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[T]:
+        """Return ``items`` once it holds at least ``count``; ``TimeoutError`` otherwise."""
+        await self.wait_until(lambda: len(self.items) >= count, timeout)
         return self.items
 
 

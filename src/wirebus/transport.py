@@ -23,16 +23,17 @@ import struct
 import threading
 import time
 import weakref
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import zmq
 
-from wirebus import _endpoint
+from wirebus import _endpoint, security
+from wirebus._resource import Resource
 from wirebus.codec import TOPIC_FRAME_SIZE, MessageCodec, check_codec, make_topic
+from wirebus.security import CurveClient, CurveServer
 
 __all__ = [
     "WIRE_VERSION",
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_Pub = TypeVar("_Pub", bound="MessagePublisher[Any]")
 _Sub = TypeVar("_Sub", bound="MessageSubscriber[Any]")
 
 logger = logging.getLogger("wirebus.transport")
@@ -99,8 +99,8 @@ class SubscriberStats:
     messages: int = 0
 
 
-class MessagePublisher(ABC, Generic[T]):
-    """Publishes items of type ``T``; transport-agnostic."""
+class MessagePublisher(Resource, Generic[T]):
+    """Publishes items of type ``T``; transport-agnostic. ``with``/``async with`` close it."""
 
     @abstractmethod
     def publish(self, item: T) -> None:
@@ -118,30 +118,8 @@ class MessagePublisher(ABC, Generic[T]):
         """:meth:`close` without blocking the event loop."""
         await asyncio.to_thread(self.close, timeout)
 
-    def __enter__(self: _Pub) -> _Pub:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self: _Pub) -> _Pub:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class MessageSubscriber(ABC, Generic[T]):
+class MessageSubscriber(Resource, Generic[T]):
     """Receives items of type ``T``; transport-agnostic.
 
     Subclasses deliver decoded batches to :meth:`process`. Override :meth:`process` to consume
@@ -161,10 +139,6 @@ class MessageSubscriber(ABC, Generic[T]):
     @abstractmethod
     def close(self) -> None:
         """Stop receiving and release everything; idempotent."""
-
-    async def aclose(self) -> None:
-        """Close; awaitable form of :meth:`close`."""
-        self.close()
 
     async def process(self, items: list[T]) -> None:
         """Consume a batch of decoded items, in arrival order.
@@ -219,28 +193,10 @@ class MessageSubscriber(ABC, Generic[T]):
         """
         logger.error("%r: %s", self, exc, exc_info=exc)
 
-    def __enter__(self: _Sub) -> _Sub:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     async def __aenter__(self: _Sub) -> _Sub:
+        """Start receiving (``async with`` closes on exit)."""
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class _Marker:
@@ -273,6 +229,10 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     topic pending when the writer gets to them (pair it with ``conflate=True`` on the
     subscriber). Without ``context`` the
     publisher owns a private ZMQ context, so that :meth:`close` can wait for delivery.
+
+    ``heartbeat`` (ms, ``0``: off) turns on ZMTP heartbeats, so a connection over a cut link is
+    dropped after ``3 * heartbeat`` ms (see :func:`_set_heartbeat`). ``curve`` makes the
+    socket a CurveZMQ server or client (:mod:`wirebus.security`, ``docs/deployment.md``).
     """
 
     def __init__(
@@ -288,9 +248,12 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         conflate: bool = False,
         max_batch_bytes: int = 256 * 1024,
         allow_any_interface: bool = False,
+        heartbeat: int = 0,
+        curve: CurveServer | CurveClient | None = None,
     ) -> None:
         check_codec(codec)
         _endpoint.check_address(address, bind=bind, allow_any_interface=allow_any_interface)
+        _check_security(curve, address, context, heartbeat)
         if linger < -1:
             raise ValueError(f"linger must be -1 (wait forever) or >= 0 ms, got {linger}")
         if sndhwm < 0:
@@ -323,6 +286,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             self._context = zmq.Context(io_threads=1)
         else:
             self._context = zmq.Context.instance()
+        self._authenticator: security.Authenticator | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._socket: zmq.Socket[bytes] = self._context.socket(zmq.XPUB)
         try:
@@ -332,6 +296,12 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             sock.setsockopt(zmq.XPUB_VERBOSE, 1)
             sock.setsockopt(zmq.XPUB_VERBOSER, 1)
             sock.setsockopt(zmq.LINGER, linger)
+            _set_heartbeat(sock, heartbeat, connecting=not bind)
+            security.configure(sock, curve)
+            if isinstance(curve, CurveServer) and curve.allowed_clients is not None:
+                self._authenticator = security.Authenticator(
+                    self._context, curve, f"publisher for {address}"
+                )
             if bind:
                 self.address = _endpoint.bind(sock, address, allow_any_interface)
             else:
@@ -339,6 +309,8 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         except BaseException:
             self._release()
             raise
+        if self._authenticator is not None:
+            self._authenticator.owner = repr(self)
         self._thread = threading.Thread(
             target=self._run, name=f"wirebus-publisher {self.address}", daemon=True
         )
@@ -445,6 +417,8 @@ class ZmqMessagePublisher(MessagePublisher[T]):
 
     def _release(self) -> None:
         self._socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         if self._owns_context:
             self._context.term()
         os.close(self._wake_r)
@@ -557,6 +531,10 @@ class ZmqMessagePublisher(MessagePublisher[T]):
 
     def _finish(self, linger: int) -> bool:
         self._socket.close(linger=linger)
+        if self._authenticator is not None:
+            # Handshakes still under way fail from here on (ZAP_ENFORCE_DOMAIN), delivery
+            # over connections already authenticated goes on while term() waits for it.
+            self._authenticator.stop()
         if self._owns_context:
             self._context.term()  # returns once pending messages are delivered or linger ends
         return True
@@ -598,6 +576,44 @@ def _topic_filter(topic: str | bytes) -> bytes:
     return make_topic(topic)
 
 
+def _check_security(
+    curve: CurveServer | CurveClient | None,
+    address: str,
+    context: zmq.Context[Any] | None,
+    heartbeat: int,
+) -> None:
+    if not isinstance(heartbeat, int) or heartbeat < 0:
+        raise ValueError(f"heartbeat must be an int >= 0 ms (0: off), got {heartbeat!r}")
+    security.check_curve(curve, address)
+    if context is not None and security.needs_authenticator(curve):
+        raise ValueError(
+            "a CurveServer with allowed_clients runs a ZAP authenticator in a ZMQ context of "
+            "its own: do not pass context"
+        )
+
+
+_MAX_HEARTBEAT_TTL = 6_553_599  # ms: the largest TTL a ZMTP PING carries
+
+
+def _set_heartbeat(sock: zmq.Socket[bytes], heartbeat: int, connecting: bool) -> None:
+    """ZMTP heartbeats every ``heartbeat`` ms; a peer silent for 3x that is disconnected.
+
+    ``HEARTBEAT_TIMEOUT`` drops the connection when nothing arrives for ``3 * heartbeat`` ms
+    after a PING, ``HEARTBEAT_TTL`` asks the peer to do the same. A connecting socket also
+    gives up a TCP connect that has not completed in ``3 * heartbeat`` ms
+    (``CONNECT_TIMEOUT``) and retries, so it reconnects promptly once a cut link is back
+    instead of waiting out the kernel's SYN back-off. ``0`` changes nothing.
+    """
+    if heartbeat == 0:
+        return
+    timeout = 3 * heartbeat
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, min(timeout, _MAX_HEARTBEAT_TTL))
+    if connecting:
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, timeout)
+
+
 class ZmqMessageSubscriber(MessageSubscriber[T]):
     """Receives items over a ZMQ SUB socket; see the module docstring and ``docs/pubsub.md``.
 
@@ -606,6 +622,10 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     :func:`~wirebus.make_topic`); ``b""`` means every topic. ``conflate=True`` keeps only the
     newest message per connection. Messages larger than ``max_message_size`` bytes (``-1``: no
     limit) make ZMQ drop the connection of the peer that sent them.
+
+    ``heartbeat`` and ``curve`` as for :class:`ZmqMessagePublisher`. A CURVE server with
+    ``allowed_clients`` gets a private ZMQ context (its ZAP authenticator needs one), closed
+    with the subscriber.
     """
 
     def __init__(
@@ -620,10 +640,13 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         conflate: bool = False,
         max_message_size: int = _DEFAULT_MAX_MESSAGE_SIZE,
         allow_any_interface: bool = False,
+        heartbeat: int = 0,
+        curve: CurveServer | CurveClient | None = None,
     ) -> None:
         super().__init__(conflate=conflate)
         check_codec(codec)
         _endpoint.check_address(address, bind=not connect, allow_any_interface=allow_any_interface)
+        _check_security(curve, address, context, heartbeat)
         if isinstance(topics, (str, bytes)):
             raise TypeError(f"topics must be an iterable of topic names, not {topics!r}")
         filters = [_topic_filter(topic) for topic in topics]
@@ -644,12 +667,23 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self._task: asyncio.Task[None] | None = None
         self._pending_frames: asyncio.Event | None = None
         self._reading = False
-        self._socket: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(zmq.SUB)
+        self._authenticator: security.Authenticator | None = None
+        self._own_context: zmq.Context[Any] | None = None
+        if security.needs_authenticator(curve):
+            self._own_context = zmq.Context(io_threads=1)
+        ctx: zmq.Context[Any] = context or self._own_context or zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
         try:
             sock = self._socket
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, rcvhwm)
             sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+            _set_heartbeat(sock, heartbeat, connecting=connect)
+            security.configure(sock, curve)
+            if isinstance(curve, CurveServer) and curve.allowed_clients is not None:
+                self._authenticator = security.Authenticator(
+                    ctx, curve, f"subscriber for {address}"
+                )
             if conflate:
                 sock.setsockopt(zmq.CONFLATE, 1)
             for topic in filters:
@@ -659,9 +693,11 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             else:
                 self.address = _endpoint.bind(sock, address, allow_any_interface)
         except BaseException:
-            sock.close(linger=0)
+            self._release_socket()
             raise
         self._fd: int = sock.getsockopt(zmq.FD)
+        if self._authenticator is not None:
+            self._authenticator.owner = repr(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.codec!r}, {self.address!r})"
@@ -821,8 +857,15 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self._pause_reading()
         if self._task is not None:
             self._task.cancel()
-        self._socket.close(linger=0)
+        self._release_socket()
         self._wake_receivers()
+
+    def _release_socket(self) -> None:
+        self._socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        if self._own_context is not None:
+            self._own_context.term()
 
     async def aclose(self) -> None:
         task = self._task
