@@ -5,7 +5,8 @@ publish ADDRESS N bind|connect
     fast as possible, then close (which delivers what is pending).
 
 Also :class:`Peer`, the test-side handle on such a peer process (used by the topology and
-network-namespace tests).
+network-namespace tests), and :func:`build_frame` / :func:`parse_frame`, the wire format written
+by hand from docs/wire-format.md, as a raw pyzmq peer would.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from wirebus import EventRecord, EventRecordCodec, SampleEventType
-from wirebus.transport import ZmqMessagePublisher
+from wirebus import TOPIC_FRAME_SIZE, EventRecord, EventRecordCodec, SampleEventType
+from wirebus.transport import WIRE_VERSION, ZmqMessagePublisher
 
 
 class Peer:
@@ -96,6 +97,35 @@ class Peer:
             if stream is not None:
                 with contextlib.suppress(BrokenPipeError):
                     stream.close()
+
+
+def build_frame(topic: bytes, publisher_id: int, first_seq: int, payloads: list[bytes]) -> bytes:
+    """Build one message exactly as docs/wire-format.md describes, by hand."""
+    header = (
+        bytes([WIRE_VERSION, 0])
+        + (0).to_bytes(2, "little")
+        + len(payloads).to_bytes(4, "little")
+        + publisher_id.to_bytes(8, "little")
+        + first_seq.to_bytes(8, "little")
+    )
+    lengths = b"".join(len(p).to_bytes(4, "little") for p in payloads)
+    return topic + header + lengths + b"".join(payloads)
+
+
+def parse_frame(frame: bytes) -> tuple[bytes, int, int, list[bytes]]:
+    """Parse one message exactly as docs/wire-format.md describes, by hand."""
+    topic, rest = frame[:TOPIC_FRAME_SIZE], frame[TOPIC_FRAME_SIZE:]
+    assert rest[0] == WIRE_VERSION
+    count = int.from_bytes(rest[4:8], "little")
+    publisher_id = int.from_bytes(rest[8:16], "little")
+    first_seq = int.from_bytes(rest[16:24], "little")
+    lengths = [int.from_bytes(rest[24 + 4 * i : 28 + 4 * i], "little") for i in range(count)]
+    offset, payloads = 24 + 4 * count, []
+    for length in lengths:
+        payloads.append(rest[offset : offset + length])
+        offset += length
+    assert offset == len(rest)
+    return topic, publisher_id, first_seq, payloads
 
 
 def _records(n: int) -> list[EventRecord]:

@@ -17,6 +17,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from _peers import build_frame
 from wirebus import TOPIC_FRAME_SIZE, MsgspecCodec, make_topic
 from wirebus.security import (
     CurveClient,
@@ -27,7 +28,7 @@ from wirebus.security import (
     save_curve_keypair,
 )
 from wirebus.testing import CollectingSubscriber
-from wirebus.transport import WIRE_VERSION, ZmqMessagePublisher, ZmqMessageSubscriber
+from wirebus.transport import ZmqMessagePublisher, ZmqMessageSubscriber
 
 TCP = "tcp://127.0.0.1:*"
 HANDSHAKE_FAILED = (
@@ -376,19 +377,6 @@ def test_a_failed_bind_stops_the_authenticator(keys: dict[str, tuple[bytes, byte
 # -- limits against hostile or broken peers ----------------------------------------------------
 
 
-def _frame(topic: bytes, publisher_id: int, first_seq: int, payloads: list[bytes]) -> bytes:
-    """One message in the wire format (docs/wire-format.md), built by hand."""
-    header = (
-        bytes([WIRE_VERSION, 0])
-        + (0).to_bytes(2, "little")
-        + len(payloads).to_bytes(4, "little")
-        + publisher_id.to_bytes(8, "little")
-        + first_seq.to_bytes(8, "little")
-    )
-    lengths = b"".join(len(p).to_bytes(4, "little") for p in payloads)
-    return topic + header + lengths + b"".join(payloads)
-
-
 @pytest.fixture
 async def raw_peer(wirebus_address: str) -> AsyncIterator[zmq.Socket[bytes]]:
     """A raw pyzmq XPUB that connects to ``wirebus_address`` and reports (un)subscriptions."""
@@ -428,12 +416,12 @@ async def test_an_oversized_message_drops_only_its_sender(
             await subscriber.wait_until(lambda: len(subscriber.items) == 10)
 
             huge = encode(Tick(-1))[1] + b"\0" * limit  # seq 0 of raw publisher 77, too big
-            raw_peer.send(_frame(topic, 77, 0, [huge]))
+            raw_peer.send(build_frame(topic, 77, 0, [huge]))
             # ZMQ drops the raw peer's connection; the peer reconnects and subscribes again
             await _next_subscription(raw_peer)
             for seq in range(10, 20):
                 good.publish(Tick(seq))
-            raw_peer.send(_frame(topic, 77, 1, [encode(Tick(-2))[1]]))
+            raw_peer.send(build_frame(topic, 77, 1, [encode(Tick(-2))[1]]))
             await subscriber.wait_until(lambda: len(subscriber.items) == 21)
     assert [t.seq for t in subscriber.items if t.seq >= 0] == list(range(20))
     assert Tick(-2) in subscriber.items
@@ -492,11 +480,11 @@ async def test_garbage_and_multipart_frames_are_counted_and_never_stall(
     async with Collector(tick_codec(), wirebus_address, connect=False) as subscriber:
         await _next_subscription(raw_peer)
         raw_peer.send_multipart([topic, payload])  # a naive two-frame publisher: two messages
-        lying = bytearray(_frame(topic, 9, 0, [payload]))
+        lying = bytearray(build_frame(topic, 9, 0, [payload]))
         lying[TOPIC_FRAME_SIZE + 4 : TOPIC_FRAME_SIZE + 8] = (128).to_bytes(4, "little")
         raw_peer.send(bytes(lying))  # claims 128 payloads it does not carry
         raw_peer.send(b"\xff" * 100_000)  # noise, under the size limit
-        raw_peer.send(_frame(topic, 9, 0, [payload]))
+        raw_peer.send(build_frame(topic, 9, 0, [payload]))
         await subscriber.wait_until(lambda: subscriber.items == [Tick(5)])
     assert subscriber.stats.malformed == 4
     assert len(subscriber.errors) == 4

@@ -19,6 +19,7 @@ import msgspec
 import pytest
 import zmq
 
+from _peers import build_frame, parse_frame
 from wirebus import (
     TOPIC_FRAME_SIZE,
     ErrorData,
@@ -338,7 +339,7 @@ async def test_garbage_frames_are_counted_and_skipped(address: str) -> None:
             ]
             for frame in garbage:
                 raw.send(frame)
-            raw.send(_frame(make_topic("tick"), 1, 0, [tick_codec().encode(Tick(42))[1]]))
+            raw.send(build_frame(make_topic("tick"), 1, 0, [tick_codec().encode(Tick(42))[1]]))
             await subscriber.wait_until(lambda: len(subscriber.items) == 1)
     assert subscriber.items == [Tick(42)]
     assert subscriber.stats.malformed == len(garbage)
@@ -599,35 +600,6 @@ async def test_fifty_open_close_cycles_leave_no_fd(address: str) -> None:
 # -- the wire format, from raw pyzmq (docs/wire-format.md) ---------------------------------
 
 
-def _frame(topic: bytes, publisher_id: int, first_seq: int, payloads: list[bytes]) -> bytes:
-    """Build one message exactly as docs/wire-format.md describes, by hand."""
-    header = (
-        bytes([WIRE_VERSION, 0])
-        + (0).to_bytes(2, "little")
-        + len(payloads).to_bytes(4, "little")
-        + publisher_id.to_bytes(8, "little")
-        + first_seq.to_bytes(8, "little")
-    )
-    lengths = b"".join(len(p).to_bytes(4, "little") for p in payloads)
-    return topic + header + lengths + b"".join(payloads)
-
-
-def _parse(frame: bytes) -> tuple[bytes, int, int, list[bytes]]:
-    """Parse one message exactly as docs/wire-format.md describes, by hand."""
-    topic, rest = frame[:TOPIC_FRAME_SIZE], frame[TOPIC_FRAME_SIZE:]
-    assert rest[0] == WIRE_VERSION
-    count = int.from_bytes(rest[4:8], "little")
-    publisher_id = int.from_bytes(rest[8:16], "little")
-    first_seq = int.from_bytes(rest[16:24], "little")
-    lengths = [int.from_bytes(rest[24 + 4 * i : 28 + 4 * i], "little") for i in range(count)]
-    offset, payloads = 24 + 4 * count, []
-    for length in lengths:
-        payloads.append(rest[offset : offset + length])
-        offset += length
-    assert offset == len(rest)
-    return topic, publisher_id, first_seq, payloads
-
-
 async def test_raw_pyzmq_sub_reads_what_wirebus_publishes(address: str) -> None:
     ctx = zmq.Context.instance()
     with ctx.socket(zmq.SUB) as raw:
@@ -642,7 +614,7 @@ async def test_raw_pyzmq_sub_reads_what_wirebus_publishes(address: str) -> None:
         decoder = msgspec.msgpack.Decoder()
         while len(records) < 300:
             assert await asyncio.to_thread(raw.poll, 5000)
-            topic, publisher_id, first_seq, payloads = _parse(raw.recv())
+            topic, publisher_id, first_seq, payloads = parse_frame(raw.recv())
             assert topic == b"sample".ljust(TOPIC_FRAME_SIZE, b"\0")
             assert publisher_id == publisher.publisher_id
             seqs.extend(range(first_seq, first_seq + len(payloads)))
@@ -660,9 +632,9 @@ async def test_wirebus_subscriber_reads_a_raw_pyzmq_publisher(address: str) -> N
             await asyncio.to_thread(raw.recv)  # the subscription arrived
             encode = msgspec.msgpack.encode
             first = [encode({"event_type": "sample.issued", "timestamp_ns": i}) for i in range(3)]
-            raw.send(_frame(SAMPLE_TOPIC, 99, 0, first))
+            raw.send(build_frame(SAMPLE_TOPIC, 99, 0, first))
             # seq 3 and 4 never sent: the subscriber must count them as dropped
-            raw.send(_frame(SAMPLE_TOPIC, 99, 5, [encode({"event_type": "sample.complete"})]))
+            raw.send(build_frame(SAMPLE_TOPIC, 99, 5, [encode({"event_type": "sample.complete"})]))
             await subscriber.wait_until(lambda: len(subscriber.items) == 4)
     assert [r.timestamp_ns for r in subscriber.items[:3]] == [0, 1, 2]
     assert subscriber.items[3].event_type is SampleEventType.COMPLETE
@@ -734,7 +706,7 @@ async def test_max_batch_bytes_bounds_every_message(address: str) -> None:
         total = 0
         while total < 100:
             assert await asyncio.to_thread(raw.poll, 5000)
-            _, _, _, payloads = _parse(raw.recv())
+            _, _, _, payloads = parse_frame(raw.recv())
             assert sum(map(len, payloads)) <= 4096
             total += len(payloads)
 
