@@ -227,8 +227,8 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     defaults (``sndhwm=0``, ``linger=-1``, ``immediate=True``) nothing published after a
     subscriber is connected is lost. ``conflate=True`` sends only the newest of the items of one
     topic pending when the writer gets to them (pair it with ``conflate=True`` on the
-    subscriber). Without ``context`` the
-    publisher owns a private ZMQ context, so that :meth:`close` can wait for delivery.
+    subscriber). Without ``context`` the publisher owns a private ZMQ context, so that
+    :meth:`close` can wait for delivery.
 
     ``heartbeat`` (ms, ``0``: off) turns on ZMTP heartbeats, so a connection over a cut link is
     dropped after ``3 * heartbeat`` ms (see :func:`_set_heartbeat`). ``curve`` makes the
