@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -40,10 +41,13 @@ def _fds() -> dict[str, str]:
 
 
 def _shm() -> set[str]:
+    """/dev/shm's entries, and the wirebus directories (ipc sockets, logs) in the temp dir."""
     try:
-        return set(os.listdir("/dev/shm"))
+        shm = set(os.listdir("/dev/shm"))
     except FileNotFoundError:
-        return set()
+        shm = set()
+    tmp = tempfile.gettempdir()
+    return shm | {os.path.join(tmp, e) for e in os.listdir(tmp) if e.startswith("wirebus-")}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,7 +65,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     leaked_children = _children() - children
     assert not leaked_children, f"{request.node.nodeid} left child processes {leaked_children}"
     leaked_shm = _shm() - shm
-    assert not leaked_shm, f"{request.node.nodeid} left /dev/shm entries {leaked_shm}"
+    assert not leaked_shm, f"{request.node.nodeid} left /dev/shm or temp entries {leaked_shm}"
     leaked_fds = _settled(lambda: {fd: t for fd, t in _fds().items() if fds.get(fd) != t})
     assert not leaked_fds, f"{request.node.nodeid} left file descriptors {leaked_fds}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import wirebus
+
+DOCS = Path(__file__).parents[1] / "docs"
 
 CONTRACT = {
     "wirebus.codec": ["TOPIC_FRAME_SIZE", "make_topic", "MessageCodec", "MsgspecCodec"],
@@ -84,7 +87,7 @@ def test_py_typed_is_shipped() -> None:
 
 
 def test_readme_example_runs(tmp_path: Path) -> None:
-    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    readme = DOCS.parent.joinpath("README.md").read_text()
     example = readme.split("```python\n", 1)[1].split("```", 1)[0]
     script = tmp_path / "example.py"
     script.write_text(example)
@@ -94,3 +97,28 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Tick(seq=2, price=102.0)" in result.stdout
     assert "received=3, dropped=0" in result.stdout
+
+
+RUNNABLE_PAGES = ("codecs.md", "pubsub.md", "wire-format.md")  # other pages show fragments
+DOC_EXAMPLES = [
+    pytest.param(block, id=f"{page}-{i}")
+    for page in RUNNABLE_PAGES
+    for i, block in enumerate(
+        re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.DOTALL)
+    )
+]
+
+
+@pytest.mark.parametrize("example", DOC_EXAMPLES)
+def test_doc_example_runs(example: str, tmp_path: Path) -> None:
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr

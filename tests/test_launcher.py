@@ -314,8 +314,10 @@ def test_services_end_when_the_launching_process_is_killed(
 ) -> None:
     script = tmp_path / "service.py"
     script.write_text(SERVICE)
+    # A SIGKILLed launcher cannot remove its log and ready-socket directories: keep them here.
     parent = subprocess.Popen(
         [PY, "-c", PARENT, str(script), str(services)],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
     )
