@@ -99,6 +99,20 @@ class Peer:
                     stream.close()
 
 
+def stdin_says_stop() -> threading.Event:
+    """For a peer process: an event set when its test writes ``stop`` (or closes stdin)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return stop
+
+
 def build_frame(topic: bytes, publisher_id: int, first_seq: int, payloads: list[bytes]) -> bytes:
     """Build one message exactly as docs/wire-format.md describes, by hand."""
     header = (

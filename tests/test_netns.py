@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from _peers import Peer
+from _peers import Peer, stdin_says_stop
 
 SUBNET = "10.201.7"  # private test range, exists only inside the namespaces made here
 PORT = 5701
@@ -151,19 +151,6 @@ async def test_link_cut_between_hosts_is_survived_and_counted(
 # -- the peers (run in the namespaces) -------------------------------------------------------
 
 
-def _stdin_says_stop() -> threading.Event:
-    stop = threading.Event()
-
-    def watch() -> None:
-        for line in sys.stdin:
-            if line.strip() == "stop":
-                break
-        stop.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    return stop
-
-
 def _report(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
@@ -172,7 +159,7 @@ async def _publish(address: str, subscribers: int) -> None:
     from wirebus import MsgspecCodec
     from wirebus.transport import ZmqMessagePublisher
 
-    stop = _stdin_says_stop()
+    stop = stdin_says_stop()
     codec = MsgspecCodec(Tick, topic="tick")
     publisher = ZmqMessagePublisher(codec, address, heartbeat=HEARTBEAT_MS)
     _report(address=publisher.address)
@@ -197,7 +184,7 @@ async def _subscribe(address: str) -> None:
     from wirebus import MsgspecCodec
     from wirebus.transport import ZmqMessageSubscriber
 
-    stop = _stdin_says_stop()
+    stop = stdin_says_stop()
     events = {"connected": 0, "disconnected": 0}
 
     class Checker(ZmqMessageSubscriber[Tick]):

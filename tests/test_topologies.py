@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -28,7 +27,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from _peers import Peer
+from _peers import Peer, stdin_says_stop
 from wirebus import MsgspecCodec
 from wirebus.testing import CollectingSubscriber
 from wirebus.transport import ZmqMessagePublisher, ZmqMessageSubscriber
@@ -313,22 +312,9 @@ async def _publish(address: str, n: int, source: int) -> None:
             publisher.publish(Tick(source, seq))
 
 
-def _stdin_says_stop() -> threading.Event:
-    stop = threading.Event()
-
-    def watch_stdin() -> None:
-        for line in sys.stdin:
-            if line.strip() == "stop":
-                break
-        stop.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
-    return stop
-
-
 async def _pace(address: str) -> None:
     """Bind, wait for a subscriber, publish 10 items per 2 ms until told to stop."""
-    stop = _stdin_says_stop()
+    stop = stdin_says_stop()
     with ZmqMessagePublisher(CODEC, address, heartbeat=100) as publisher:
         print(json.dumps({"address": publisher.address}), flush=True)
         await publisher.wait_for_subscribers(1, timeout=20)
@@ -343,7 +329,7 @@ async def _pace(address: str) -> None:
 
 
 async def _subscribe(address: str, mode: str, until: int) -> None:
-    stop = _stdin_says_stop()
+    stop = stdin_says_stop()
 
     class Checker(ZmqMessageSubscriber[Tick]):
         def __init__(self) -> None:
