@@ -109,6 +109,20 @@ def _paced(n: int, send: Callable[[int], None]) -> None:
         time.sleep(max(0.0, start + i * interval - time.monotonic()))
 
 
+async def _paced_async(n: int, send: Callable[[int], None]) -> None:
+    """_paced in a coroutine that lets its event loop run after each item.
+
+    The waits stay in time.sleep: the loop's own timers sleep in whole milliseconds, which
+    would turn the even 10k/s into bursts of ten. So the arrival times match _paced's.
+    """
+    start = time.monotonic()
+    interval = 1 / LATENCY_RATE
+    for i in range(n):
+        send(i)
+        await asyncio.sleep(0)
+        time.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))  # noqa: ASYNC251
+
+
 def pub_latency_raw(address: str, n: int) -> None:
     ctx, sock = _xpub(address)
     _paced(n, lambda i: sock.send(SAMPLE_TOPIC + ENCODER.encode(_record(i, time.monotonic_ns()))))
@@ -120,9 +134,16 @@ def pub_latency_wirebus(address: str, n: int) -> None:
     async def run() -> None:
         with ZmqMessagePublisher(CODEC, address, bind=False) as publisher:
             await publisher.wait_for_subscribers(timeout=30)
-            _paced(n, lambda i: publisher.publish(_record(i, time.monotonic_ns())))
+            await _paced_async(n, lambda i: publisher.publish(_record(i, time.monotonic_ns())))
 
     asyncio.run(run())
+
+
+def pub_latency_wirebus_sync(address: str, n: int) -> None:
+    """A publisher used without an event loop: its writer thread sends."""
+    with ZmqMessagePublisher(CODEC, address, bind=False) as publisher:
+        asyncio.run(publisher.wait_for_subscribers(timeout=30))
+        _paced(n, lambda i: publisher.publish(_record(i, time.monotonic_ns())))
 
 
 # -- subscribers (child processes): bind, say "ready", receive n, print JSON -------------------
@@ -229,6 +250,7 @@ ROLES: dict[str, Callable[..., Any]] = {
     "pub-wirebus": pub_wirebus,
     "pub-latency-raw": pub_latency_raw,
     "pub-latency-wirebus": pub_latency_wirebus,
+    "pub-latency-wirebus-sync": pub_latency_wirebus_sync,
     "sub-multipart": sub_multipart,
     "sub-batched": sub_batched,
     "sub-wirebus": sub_wirebus,

@@ -140,6 +140,66 @@ async def test_publish_from_plain_threads_without_a_loop(address: str) -> None:
         assert own == sorted(own)
 
 
+async def test_publishing_from_a_loop_and_from_threads_at_once(address: str) -> None:
+    """The loop sends under the same lock as the writer thread: nothing lost, none reordered."""
+    publisher = ZmqMessagePublisher(tick_codec(), address)
+    async with Collector(tick_codec(), address) as subscriber:
+        await publisher.wait_for_subscribers(timeout=10)
+
+        def produce(start: int) -> None:
+            for seq in range(start, start + 10_000):
+                publisher.publish(Tick(seq))
+
+        threads = [threading.Thread(target=produce, args=(k * 10_000,)) for k in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for seq in range(10_000):
+            publisher.publish(Tick(seq))
+            if seq % 100 == 0:
+                await asyncio.sleep(0)
+        for thread in threads:
+            await asyncio.to_thread(thread.join)
+        await subscriber.wait_until(lambda: len(subscriber.items) == 30_000)
+        publisher.close()
+    seqs = [tick.seq for tick in subscriber.items]
+    assert sorted(seqs) == list(range(30_000))
+    for k in range(3):
+        own = [s for s in seqs if k * 10_000 <= s < (k + 1) * 10_000]
+        assert own == sorted(own)
+    assert subscriber.stats.dropped == 0
+
+
+async def test_one_loop_turn_goes_out_in_at_most_two_messages(
+    pair: tuple[ZmqMessagePublisher[Tick], Collector],
+) -> None:
+    """An idle publisher sends the first item at once and the rest of the turn together."""
+    publisher, subscriber = pair
+    for seq in range(50):
+        publisher.publish(Tick(seq))
+    await publisher.flush()
+    assert publisher.stats.messages == 2
+    await subscriber.wait_until(lambda: len(subscriber.items) == 50, timeout=5)
+    assert subscriber.items == [Tick(s) for s in range(50)]
+
+
+async def test_a_blocked_event_loop_delays_delivery_but_never_stops_it(address: str) -> None:
+    """Items left for the loop's next turn go out from the writer thread if it never comes."""
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.SUB) as raw:
+        raw.setsockopt(zmq.SUBSCRIBE, b"")
+        raw.connect(address)
+        with ZmqMessagePublisher(tick_codec(), address) as publisher:
+            await publisher.wait_for_subscribers(timeout=10)
+            for seq in range(3):
+                publisher.publish(Tick(seq))
+            seqs: list[int] = []
+            deadline = time.monotonic() + 5
+            while len(seqs) < 3 and raw.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                _, _, first, payloads = parse_frame(raw.recv())  # the loop is blocked here
+                seqs.extend(range(first, first + len(payloads)))
+            assert seqs == [0, 1, 2]
+
+
 def test_sync_publisher_close_delivers_pending(address: str) -> None:
     """No event loop anywhere: a sync SUB socket reads what a sync caller published."""
     ctx = zmq.Context.instance()
@@ -597,6 +657,55 @@ async def test_fifty_open_close_cycles_leave_no_fd(address: str) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
     writers = [t for t in threading.enumerate() if t.name.startswith("wirebus-publisher")]
     assert writers == []
+
+
+class _Gated(Collector):
+    """A subscriber whose process() waits for a gate before it takes each batch."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(tick_codec(), address)
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.cancelled = False
+
+    async def process(self, items: list[Any]) -> None:
+        self.waiting.set()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        await super().process(items)
+
+
+async def test_a_process_that_awaits_keeps_the_order(address: str) -> None:
+    """The consumer starts in the reader callback and carries on in a task when it waits."""
+    async with _Gated(address) as subscriber:
+        with ZmqMessagePublisher(tick_codec(), address) as publisher:
+            await publisher.wait_for_subscribers(timeout=10)
+            for seq in range(1_000):
+                publisher.publish(Tick(seq))
+                if seq % 7 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(subscriber.waiting.wait(), 5)
+            for seq in range(1_000, 2_000):  # arrive while process() waits
+                publisher.publish(Tick(seq))
+            await publisher.flush()
+            subscriber.gate.set()
+            await subscriber.wait_until(lambda: len(subscriber.items) == 2_000, timeout=10)
+    assert subscriber.items == [Tick(s) for s in range(2_000)]
+
+
+async def test_close_cancels_a_waiting_process(address: str) -> None:
+    subscriber = _Gated(address)
+    await subscriber.start()
+    with ZmqMessagePublisher(tick_codec(), address) as publisher:
+        await publisher.wait_for_subscribers(timeout=10)
+        publisher.publish(Tick(0))
+        await asyncio.wait_for(subscriber.waiting.wait(), 5)
+    await asyncio.wait_for(subscriber.aclose(), 5)
+    assert subscriber.cancelled
+    assert subscriber.items == []
 
 
 # -- the wire format, from raw pyzmq (docs/wire-format.md) ---------------------------------

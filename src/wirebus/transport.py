@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import struct
@@ -24,7 +25,7 @@ import threading
 import time
 import weakref
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -200,14 +201,24 @@ class MessageSubscriber(Resource, Generic[T]):
 
 
 class _Marker:
-    """A control entry in the publisher's queue, run by the writer thread in order."""
+    """A control entry in the publisher's queue, run in order by whoever sends the queue.
 
-    __slots__ = ("action",)
+    A ``writer_only`` marker (close) runs on the writer thread: an event loop that meets it
+    hands the rest of the queue to the writer.
+    """
 
-    def __init__(self, action: Callable[[ZmqMessagePublisher[Any]], bool]) -> None:
+    __slots__ = ("action", "writer_only")
+
+    def __init__(
+        self, action: Callable[[ZmqMessagePublisher[Any]], bool], writer_only: bool = False
+    ) -> None:
         self.action = action  # returns True when the writer must stop
+        self.writer_only = writer_only
 
 
+_WRITER_TICK = 20  # ms
+_WRITER = "the writer thread"
+_MARKER = b""  # the topic of a marker's queue entry; an item's topic is never empty
 _live_publishers: weakref.WeakSet[ZmqMessagePublisher[Any]] = weakref.WeakSet()
 _EXIT_CLOSE_TIMEOUT = 2.0
 
@@ -271,9 +282,15 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._max_batch_bytes = max_batch_bytes
         self.publisher_id = int.from_bytes(os.urandom(8), "little")
         self._seqs: dict[bytes, int] = {}
-        self._queue: collections.deque[tuple[bytes, bytes] | _Marker] = collections.deque()
+        self._queue: collections.deque[tuple[bytes, bytes | _Marker]] = collections.deque()
         self._refusal: str | None = None  # why publish() refuses: closed, or the writer failed
         self._failure: Exception | None = None
+        # Whoever holds _send_lock owns the socket: it sends the queue and reads subscriptions.
+        self._send_lock = threading.Lock()
+        # Who sends the queue soon: an event loop (a callback is scheduled), _WRITER, or nobody.
+        self._flusher: object = None
+        self._loop_published = False  # the writer keeps an eye on loops that stop sending
+        self._wanted = False  # the writer must send the queue (items from threads, markers)
         self._sleeping = False
         self._subscriptions = 0
         self._subscription_waiters: list[
@@ -336,21 +353,71 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                 f"{self.codec!r} encoded topic {topic!r} of {len(topic)} bytes; topics must be "
                 f"exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
             )
-        self._queue.append((topic, payload))
+        queue = self._queue
+        queue.append((topic, payload))
         self._published += 1
-        if self._sleeping:
-            self._wake()
+        if len(queue) >= _MAX_BATCH_ITEMS:
+            self._send_now()  # a full message's worth: no need to wait
+        elif self._flusher is None:
+            self._schedule_send()
 
-    def _wake(self) -> None:
-        self._sleeping = False
-        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
-            os.write(self._wake_w, b"\0")
+    def _schedule_send(self) -> None:
+        """Have the queue sent soon: by the caller's event loop if it has one, else the writer."""
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self._flusher = _WRITER
+            self._want_writer()
+        else:
+            self._flusher = loop
+            loop.call_soon(self._send_soon)
+            if len(self._queue) == 1:  # idle: send this one now, batch the rest of this turn
+                self._send_now()
+            if not self._loop_published:  # from now on the writer watches for stalled loops
+                self._loop_published = True
+                self._wake_writer()
+
+    def _want_writer(self) -> None:
+        self._wanted = True
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._sleeping:
+            self._sleeping = False
+            with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
+                os.write(self._wake_w, b"\0")
+
+    def _send_soon(self) -> None:
+        self._flusher = None
+        self._send_now()
+
+    def _send_now(self) -> None:
+        """Send the queue from the calling thread, unless another thread is sending it.
+
+        That thread goes on until the queue is empty, so nothing is left behind.
+        """
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            if not self._socket.closed:
+                self._send_pending(writer=False)
+                self._read_subscriptions()
+        except Exception as exc:
+            logger.exception("%r: sending failed; closing the socket", self)
+            self._fail(exc)
+        finally:
+            self._send_lock.release()
+
+    def _fail(self, exc: Exception) -> None:
+        self._failure = exc
+        self._refusal = f"failed ({exc!r})"
+        self._queue.append((_MARKER, _Marker(lambda publisher: publisher._finish(0), True)))
+        self._want_writer()
 
     def _put_marker(self, action: Callable[[ZmqMessagePublisher[Any]], bool]) -> None:
         if self._refusal is not None:
             raise RuntimeError(f"{self._refusal} {self!r}") from self._failure
-        self._queue.append(_Marker(action))
-        self._wake()
+        self._queue.append((_MARKER, _Marker(action)))
+        self._want_writer()
 
     async def flush(self, timeout: float | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -404,11 +471,15 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         if timeout is not None:
             budget = max(0, int(timeout * 1000))
             linger = budget if linger < 0 else min(linger, budget)
-        self._refusal = "closed"  # publish() refuses from here on; the close marker comes last
-        self._queue.append(_Marker(lambda publisher: publisher._finish(linger)))
-        self._wake()
+        if self._refusal is None:  # publish() refuses from here on; the close marker comes last
+            self._refusal = "closed"
+            self._queue.append(
+                (_MARKER, _Marker(lambda publisher: publisher._finish(linger), True))
+            )
+            self._want_writer()
         self._thread.join()
-        unsent = sum(not isinstance(entry, _Marker) for entry in self._queue)
+        self._refusal = "closed"
+        unsent = sum(topic != _MARKER for topic, _ in self._queue)
         if unsent:  # published from another thread while close() ran
             logger.warning("%r: %d item(s) published during close() not sent", self, unsent)
         _live_publishers.discard(self)
@@ -427,71 +498,87 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     # -- writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Send what threads without an event loop publish, run markers, read subscriptions.
+
+        The writer polls the socket's file descriptor, not the socket, so that an event loop
+        can send meanwhile (under ``_send_lock``). Once an event loop has published, it also
+        wakes every ``_WRITER_TICK`` ms and sends the queue itself if nothing was sent since
+        the last tick: a loop that is blocked or closed delays delivery, but never stops it.
+        """
         poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._socket.getsockopt(zmq.FD), zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         queue = self._queue
+        sent_at_tick = -1
         try:
             while True:
-                self._read_subscriptions()
-                if not queue:
-                    self._sleeping = True
-                    if not queue:
-                        poller.poll()
-                        _drain_pipe(self._wake_r)
-                    self._sleeping = False
-                    continue
-                if self._send_pending():
-                    return
+                self._sleeping = True
+                ticked = False
+                if not self._wanted:
+                    ticked = not poller.poll(_WRITER_TICK if self._loop_published else None)
+                    _drain_pipe(self._wake_r)
+                self._sleeping = False
+                wanted, self._wanted = self._wanted, False
+                stalled = ticked and bool(queue) and self._messages == sent_at_tick
+                if wanted or stalled:
+                    self._flusher = None  # a loop's callback may never run: schedule anew
+                if ticked:
+                    sent_at_tick = self._messages
+                with self._send_lock:
+                    if (wanted or stalled) and self._send_pending(writer=True):
+                        return
+                    self._read_subscriptions()  # sending may have taken the FD's edge
         except Exception as exc:
             logger.exception("%r: writer thread failed; closing the socket", self)
             self._failure = exc
             self._refusal = f"failed ({exc!r})"
-            self._finish(0)
+            with self._send_lock:
+                self._finish(0)
 
-    def _send_pending(self) -> bool:
+    def _send_pending(self, writer: bool) -> bool:
         """Send everything queued, batching runs of one topic; True when a marker said stop.
 
-        With ``conflate`` a run of one topic goes out as its newest item alone; the
-        sequence numbers of the superseded ones are skipped, so subscribers count them.
+        Runs under ``_send_lock``. Outside the writer thread a ``writer_only`` marker goes
+        back to the head of the queue, with everything after it, for the writer.
         """
-        popleft = self._queue.popleft
-        max_bytes = self._max_batch_bytes
-        conflate = self._conflate
-        batch: list[bytes] = []
-        topic = b""
-        size = superseded = sent_batches = 0
-        while True:
-            try:
-                entry = popleft()
-            except IndexError:
-                break
-            if isinstance(entry, _Marker):
-                if batch:
-                    self._send_batch(topic, batch, superseded)
-                    batch, topic, size, superseded = [], b"", 0, 0
-                if entry.action(self):
-                    return True
-                continue
-            item_topic, payload = entry
-            if item_topic != topic or (
-                not conflate and (len(batch) == _MAX_BATCH_ITEMS or size + len(payload) > max_bytes)
-            ):
-                if batch:
-                    self._send_batch(topic, batch, superseded)
-                    sent_batches += 1
-                    if sent_batches % 64 == 0:
-                        self._read_subscriptions()
-                batch, topic, size, superseded = [], item_topic, 0, 0
-            if conflate and batch:
-                batch[0] = payload
-                superseded += 1
-            else:
-                batch.append(payload)
-                size += len(payload)
-        if batch:
-            self._send_batch(topic, batch, superseded)
+        queue = self._queue
+        popleft = queue.popleft
+        while queue:
+            runs = itertools.groupby([popleft() for _ in range(len(queue))], _entry_topic)
+            for topic, run in runs:
+                if topic != _MARKER:
+                    self._send_run(topic, [payload for _, payload in run])  # type: ignore[misc]
+                    continue
+                for entry in run:
+                    marker = entry[1]
+                    assert isinstance(marker, _Marker)
+                    if marker.writer_only and not writer:
+                        rest = [entry, *run, *itertools.chain.from_iterable(r for _, r in runs)]
+                        queue.extendleft(reversed(rest))
+                        self._want_writer()
+                        return False
+                    if marker.action(self):
+                        return True
         return False
+
+    def _send_run(self, topic: bytes, payloads: list[bytes]) -> None:
+        """Send consecutive items of one topic in as few messages as the limits allow.
+
+        With ``conflate`` only the newest goes; the sequence numbers of the ones it
+        supersedes are skipped, so subscribers count them.
+        """
+        if self._conflate:
+            self._send_batch(topic, payloads[-1:], len(payloads) - 1)
+            return
+        start = 0
+        while start < len(payloads):
+            batch = payloads[start : start + _MAX_BATCH_ITEMS]
+            if sum(map(len, batch)) > self._max_batch_bytes:
+                batch = _fit(batch, self._max_batch_bytes)
+            self._send_batch(topic, batch, 0)
+            start += len(batch)
+            if self._messages % 64 == 0:  # a long queue: keep the subscription count current
+                self._read_subscriptions()
 
     def _send_batch(self, topic: bytes, payloads: list[bytes], superseded: int) -> None:
         count = len(payloads)
@@ -538,6 +625,53 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         if self._owns_context:
             self._context.term()  # returns once pending messages are delivered or linger ends
         return True
+
+
+async def _carry_on(coroutine: Coroutine[Any, Any, None], awaited: Any) -> None:
+    """Go on running ``coroutine``, already started and now waiting on ``awaited``, in a task.
+
+    A task can only start a coroutine from its beginning, so this hands on, unchanged, what
+    the coroutine waits on and what the task sends or throws back (cancellation included).
+    """
+    await _Started(coroutine, awaited)
+
+
+class _Started:
+    __slots__ = ("awaited", "coroutine")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], awaited: Any) -> None:
+        self.coroutine = coroutine
+        self.awaited = awaited
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine, awaited = self.coroutine, self.awaited
+        while True:
+            try:
+                sent = yield awaited
+            except BaseException as exc:
+                try:
+                    awaited = coroutine.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    awaited = coroutine.send(sent)
+                except StopIteration:
+                    return
+
+
+def _entry_topic(entry: tuple[bytes, bytes | _Marker]) -> bytes:
+    return entry[0]
+
+
+def _fit(payloads: list[bytes], max_bytes: int) -> list[bytes]:
+    """The longest head of ``payloads`` within ``max_bytes`` (at least one payload)."""
+    size = len(payloads[0])
+    for end in range(1, len(payloads)):
+        size += len(payloads[end])
+        if size > max_bytes:
+            return payloads[:end]
+    return payloads
 
 
 def _drain_pipe(fd: int) -> None:
@@ -664,8 +798,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self._frames: collections.deque[bytes] = collections.deque()
         self._newest: dict[bytes, bytes] = {}  # conflate: publisher id -> its newest frame
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._pending_frames: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None  # the consumer, once it had to wait
+        self._consuming = False
         self._reading = False
         self._authenticator: security.Authenticator | None = None
         self._own_context: zmq.Context[Any] | None = None
@@ -710,8 +844,6 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self._loop = asyncio.get_running_loop()
         if self._arrived is None:
             self._arrived = asyncio.Event()
-        self._pending_frames = asyncio.Event()
-        self._task = self._loop.create_task(self._consume(), name=f"wirebus {self!r}")
         self._resume_reading()
 
     # The reader: drain the edge-triggered FD to EAGAIN, every time, or it is never woken again.
@@ -731,6 +863,12 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         else:
             frames = self._frames
             try:
+                frames.append(recv(zmq.NOBLOCK))
+                if not self._consuming:
+                    # Deliver the first frame at once; draining to EAGAIN can wait that long.
+                    self._start_consumer()
+                    if self._socket.closed:  # process() closed the subscriber
+                        return
                 while True:
                     frames.append(recv(zmq.NOBLOCK))
                     if len(frames) >= _MAX_BUFFERED_FRAMES:
@@ -740,8 +878,27 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             except zmq.Again:
                 pass
             pending = bool(frames)
-        if pending and self._pending_frames is not None:
-            self._pending_frames.set()
+        if pending and not self._consuming:
+            self._start_consumer()
+
+    def _start_consumer(self) -> None:
+        """Run the consumer's first step in the reader callback itself.
+
+        Usually :meth:`_consume` delivers the frames and returns without waiting, and the
+        items reach :meth:`process` without a trip through the event loop. If it has to
+        wait (a ``process()`` that awaits, or more frames than one batch), a task carries
+        on from where it stopped.
+        """
+        assert self._loop is not None
+        self._consuming = True
+        consumer = self._consume()
+        try:
+            awaited = consumer.send(None)
+        except StopIteration:
+            return
+        self._task = self._loop.create_task(
+            _carry_on(consumer, awaited), name=f"wirebus consumer {self!r}"
+        )
 
     def _take_frames(self) -> list[bytes]:
         if self._conflate:
@@ -763,11 +920,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             self._loop.call_soon(self._on_readable)  # the edge may have come and gone
 
     async def _consume(self) -> None:
-        assert self._pending_frames is not None
-        pending = self._pending_frames
-        while True:
-            await pending.wait()
-            pending.clear()
+        """Decode and deliver the buffered frames, batch by batch, until none are left."""
+        try:
             while taken := self._take_frames():
                 items: list[T] = []
                 failures: list[tuple[Exception, bytes | None]] = []
@@ -783,7 +937,10 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                         await self._report(exc, None)
                 if not self._reading:
                     self._resume_reading()
-                await asyncio.sleep(0)  # let the reader and other tasks run between batches
+                if self._frames or self._newest:
+                    await asyncio.sleep(0)  # let the reader and other tasks run between batches
+        finally:
+            self._consuming = False
 
     def _decode_frame(
         self, frame: bytes, items: list[T], failures: list[tuple[Exception, bytes | None]]
