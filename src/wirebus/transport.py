@@ -1,11 +1,13 @@
 """Pub/sub: typed publishers and subscribers over ZeroMQ, asyncio native, batching.
 
 A :class:`ZmqMessagePublisher` encodes items with its codec in :meth:`~ZmqMessagePublisher.publish`
-(which never blocks) and hands them to a writer thread that owns the socket. The writer batches
-consecutive items of one topic into a single-frame ZMQ message, so under load one send carries
-many items, and when idle an item goes out at once. A :class:`ZmqMessageSubscriber` drains its
-socket to EAGAIN in a reader callback and decodes and delivers batches in a task of its own, so
-neither a bad payload nor a failing :meth:`~MessageSubscriber.process` can stall it.
+(which never blocks) and queues them. Inside a running event loop the loop sends the queue (an
+idle item at once, the rest of a loop turn together); elsewhere a writer thread does. Either
+way consecutive items of one topic go out in one single-frame ZMQ message, so under load one
+send carries many items. A :class:`ZmqMessageSubscriber` drains its socket to EAGAIN in a reader
+callback; decoding and :meth:`~MessageSubscriber.process` run in a consumer that starts right
+there when idle and carries on in a task when it has to wait, so neither a bad payload nor a
+failing ``process()`` can stall the reader.
 
 Every message carries the publisher's id and per-topic sequence numbers, so a subscriber counts
 what the transport dropped (``stats.dropped``). The exact layout is in ``docs/wire-format.md``.
@@ -237,7 +239,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     tells the one bound); ``bind=False`` connects to a bound subscriber (fan-in). With the
     defaults (``sndhwm=0``, ``linger=-1``, ``immediate=True``) nothing published after a
     subscriber is connected is lost. ``conflate=True`` sends only the newest of the items of one
-    topic pending when the writer gets to them (pair it with ``conflate=True`` on the
+    topic pending when they are sent (pair it with ``conflate=True`` on the
     subscriber). Without ``context`` the publisher owns a private ZMQ context, so that
     :meth:`close` can wait for delivery.
 
