@@ -29,7 +29,7 @@ import weakref
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import zmq
 
@@ -412,7 +412,11 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     def _fail(self, exc: Exception) -> None:
         self._failure = exc
         self._refusal = f"failed ({exc!r})"
-        self._queue.append((_MARKER, _Marker(lambda publisher: publisher._finish(0), True)))
+        self._queue_finish(0)
+
+    def _queue_finish(self, linger: int) -> None:
+        """Queue the marker that has the writer close the socket, after what is queued."""
+        self._queue.append((_MARKER, _Marker(lambda publisher: publisher._finish(linger), True)))
         self._want_writer()
 
     def _put_marker(self, action: Callable[[ZmqMessagePublisher[Any]], bool]) -> None:
@@ -475,10 +479,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             linger = budget if linger < 0 else min(linger, budget)
         if self._refusal is None:  # publish() refuses from here on; the close marker comes last
             self._refusal = "closed"
-            self._queue.append(
-                (_MARKER, _Marker(lambda publisher: publisher._finish(linger), True))
-            )
-            self._want_writer()
+            self._queue_finish(linger)
         self._thread.join()
         self._refusal = "closed"
         unsent = sum(topic != _MARKER for topic, _ in self._queue)
@@ -548,12 +549,12 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         while queue:
             runs = itertools.groupby([popleft() for _ in range(len(queue))], _entry_topic)
             for topic, run in runs:
+                # An entry's second half is a payload unless its topic is _MARKER.
                 if topic != _MARKER:
-                    self._send_run(topic, [payload for _, payload in run])  # type: ignore[misc]
+                    self._send_run(topic, cast("list[bytes]", [payload for _, payload in run]))
                     continue
                 for entry in run:
-                    marker = entry[1]
-                    assert isinstance(marker, _Marker)
+                    marker = cast(_Marker, entry[1])
                     if marker.writer_only and not writer:
                         rest = [entry, *run, *itertools.chain.from_iterable(r for _, r in runs)]
                         queue.extendleft(reversed(rest))
