@@ -454,6 +454,37 @@ async def test_wait_for_subscribers_times_out_naming_the_count(address: str) -> 
         await publisher.wait_for_subscribers(2, timeout=0.2)
 
 
+async def test_a_subscriber_joining_while_a_loop_publishes_is_seen(
+    pair: tuple[ZmqMessagePublisher[Tick], Collector], address: str
+) -> None:
+    """The loop's sends take the socket's FD edge but do not read subscriptions.
+
+    The senders read them every 64 messages, and the writer thread on its 20 ms tick.
+    """
+    publisher, _ = pair
+    busy, stop = asyncio.Event(), asyncio.Event()
+
+    async def publish_hard() -> None:
+        seq = 0
+        while not stop.is_set():
+            for _ in range(50):
+                publisher.publish(Tick(seq))
+                seq += 1
+            if publisher.stats.messages >= 200:  # the loop's sends have had the socket a while
+                busy.set()
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(publish_hard())
+    try:
+        await asyncio.wait_for(busy.wait(), timeout=10)
+        async with Collector(tick_codec(), address) as late:
+            await publisher.wait_for_subscribers(2, timeout=5)
+            await late.wait_until(lambda: len(late.items) > 0, timeout=5)
+    finally:
+        stop.set()
+        await task
+
+
 async def test_fan_in_publishers_connect_to_a_bound_subscriber(address: str) -> None:
     async with Collector(tick_codec(), address, connect=False) as subscriber:
         publishers = [ZmqMessagePublisher(tick_codec(), address, bind=False) for _ in range(3)]

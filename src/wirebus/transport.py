@@ -21,6 +21,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import operator
 import os
 import struct
 import threading
@@ -63,6 +64,9 @@ _BODY = TOPIC_FRAME_SIZE + _HEADER.size
 _MAX_BATCH_ITEMS = 128
 _LENGTHS = [struct.Struct(f"<{n}I") for n in range(_MAX_BATCH_ITEMS + 1)]
 _DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# the two halves of a queue entry: (topic, payload), or (_MARKER, a _Marker)
+_TOPIC = operator.itemgetter(0)
+_PAYLOAD = operator.itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -291,7 +295,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._send_lock = threading.Lock()
         # Who sends the queue soon: an event loop (a callback is scheduled), _WRITER, or nobody.
         self._flusher: object = None
-        self._loop_published = False  # the writer keeps an eye on loops that stop sending
+        self._ticking = False  # the writer wakes every tick (see _start_ticking)
         self._wanted = False  # the writer must send the queue (items from threads, markers)
         self._sleeping = False
         self._subscriptions = 0
@@ -349,14 +353,15 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     def publish(self, item: T) -> None:
         if self._refusal is not None:
             raise RuntimeError(f"publish() on {self._refusal} {self!r}") from self._failure
-        topic, payload = self._encode(item)
-        if len(topic) != TOPIC_FRAME_SIZE:
+        entry = self._encode(item)
+        if len(entry[0]) != TOPIC_FRAME_SIZE:
+            topic = entry[0]
             raise ValueError(
                 f"{self.codec!r} encoded topic {topic!r} of {len(topic)} bytes; topics must be "
                 f"exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
             )
         queue = self._queue
-        queue.append((topic, payload))
+        queue.append(entry)
         self._published += 1
         if len(queue) >= _MAX_BATCH_ITEMS:
             self._send_now()  # a full message's worth: no need to wait
@@ -374,9 +379,18 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             loop.call_soon(self._send_soon)
             if len(self._queue) == 1:  # idle: send this one now, batch the rest of this turn
                 self._send_now()
-            if not self._loop_published:  # from now on the writer watches for stalled loops
-                self._loop_published = True
-                self._wake_writer()
+            if not self._ticking:
+                self._start_ticking()
+
+    def _start_ticking(self) -> None:
+        """Have the writer wake every ``_WRITER_TICK`` ms from now on.
+
+        Needed once threads other than the writer send, or are due to: the writer then sends
+        what a blocked loop leaves queued, and reads the subscriptions whose FD edge their
+        sends took (they do not read them, a ZMQ call that costs microseconds per message).
+        """
+        self._ticking = True
+        self._wake_writer()
 
     def _want_writer(self) -> None:
         self._wanted = True
@@ -397,12 +411,13 @@ class ZmqMessagePublisher(MessagePublisher[T]):
 
         That thread goes on until the queue is empty, so nothing is left behind.
         """
+        if not self._ticking:
+            self._start_ticking()
         if not self._send_lock.acquire(blocking=False):
             return
         try:
             if not self._socket.closed:
                 self._send_pending(writer=False)
-                self._read_subscriptions()
         except Exception as exc:
             logger.exception("%r: sending failed; closing the socket", self)
             self._fail(exc)
@@ -504,9 +519,10 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         """Send what threads without an event loop publish, run markers, read subscriptions.
 
         The writer polls the socket's file descriptor, not the socket, so that an event loop
-        can send meanwhile (under ``_send_lock``). Once an event loop has published, it also
-        wakes every ``_WRITER_TICK`` ms and sends the queue itself if nothing was sent since
-        the last tick: a loop that is blocked or closed delays delivery, but never stops it.
+        can send meanwhile (under ``_send_lock``). Once another thread sends, it also wakes
+        every ``_WRITER_TICK`` ms, reads subscriptions, and sends the queue itself if nothing
+        was sent since the last tick: a loop that is blocked or closed delays delivery, but
+        never stops it.
         """
         poller = zmq.Poller()
         poller.register(self._socket.getsockopt(zmq.FD), zmq.POLLIN)
@@ -518,7 +534,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                 self._sleeping = True
                 ticked = False
                 if not self._wanted:
-                    ticked = not poller.poll(_WRITER_TICK if self._loop_published else None)
+                    ticked = not poller.poll(_WRITER_TICK if self._ticking else None)
                     _drain_pipe(self._wake_r)
                 self._sleeping = False
                 wanted, self._wanted = self._wanted, False
@@ -547,11 +563,13 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         queue = self._queue
         popleft = queue.popleft
         while queue:
-            runs = itertools.groupby([popleft() for _ in range(len(queue))], _entry_topic)
+            runs = itertools.groupby(
+                itertools.starmap(popleft, itertools.repeat((), len(queue))), _TOPIC
+            )
             for topic, run in runs:
                 # An entry's second half is a payload unless its topic is _MARKER.
                 if topic != _MARKER:
-                    self._send_run(topic, cast("list[bytes]", [payload for _, payload in run]))
+                    self._send_run(topic, cast("list[bytes]", list(map(_PAYLOAD, run))))
                     continue
                 for entry in run:
                     marker = cast(_Marker, entry[1])
@@ -571,25 +589,28 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         supersedes are skipped, so subscribers count them.
         """
         if self._conflate:
-            self._send_batch(topic, payloads[-1:], len(payloads) - 1)
+            self._send_batch(topic, payloads[-1:], [len(payloads[-1])], len(payloads) - 1)
             return
+        lengths = list(map(len, payloads))
         start = 0
         while start < len(payloads):
-            batch = payloads[start : start + _MAX_BATCH_ITEMS]
-            if sum(map(len, batch)) > self._max_batch_bytes:
-                batch = _fit(batch, self._max_batch_bytes)
-            self._send_batch(topic, batch, 0)
-            start += len(batch)
+            end = start + _MAX_BATCH_ITEMS
+            if sum(lengths[start:end]) > self._max_batch_bytes:
+                end = _fit(lengths, start, self._max_batch_bytes)
+            self._send_batch(topic, payloads[start:end], lengths[start:end], 0)
+            start = end
             if self._messages % 64 == 0:  # a long queue: keep the subscription count current
                 self._read_subscriptions()
 
-    def _send_batch(self, topic: bytes, payloads: list[bytes], superseded: int) -> None:
+    def _send_batch(
+        self, topic: bytes, payloads: list[bytes], lengths: list[int], superseded: int
+    ) -> None:
         count = len(payloads)
         first = self._seqs.get(topic, 0) + superseded
         self._seqs[topic] = first + count
         header = _HEADER.pack(WIRE_VERSION, 0, 0, count, self.publisher_id, first)
-        lengths = _LENGTHS[count].pack(*map(len, payloads))
-        self._socket.send(b"".join((topic, header, lengths, *payloads)))
+        table = _LENGTHS[count].pack(*lengths)
+        self._socket.send(b"".join((topic, header, table, *payloads)))
         self._sent += count
         self._conflated += superseded
         self._messages += 1
@@ -663,18 +684,19 @@ class _Started:
                     return
 
 
-def _entry_topic(entry: tuple[bytes, bytes | _Marker]) -> bytes:
-    return entry[0]
+def _fit(lengths: list[int], start: int, max_bytes: int) -> int:
+    """The end of the longest run from ``start`` whose lengths sum to at most ``max_bytes``.
 
-
-def _fit(payloads: list[bytes], max_bytes: int) -> list[bytes]:
-    """The longest head of ``payloads`` within ``max_bytes`` (at least one payload)."""
-    size = len(payloads[0])
-    for end in range(1, len(payloads)):
-        size += len(payloads[end])
+    The run holds at least one item, and at most ``_MAX_BATCH_ITEMS``.
+    """
+    size = lengths[start]
+    end = start + 1
+    while end < len(lengths) and end - start < _MAX_BATCH_ITEMS:
+        size += lengths[end]
         if size > max_bytes:
-            return payloads[:end]
-    return payloads
+            break
+        end += 1
+    return end
 
 
 def _drain_pipe(fd: int) -> None:
