@@ -671,6 +671,30 @@ async def test_fifty_open_close_cycles_leave_no_fd(address: str) -> None:
     assert writers == []
 
 
+class _Sizing(Collector):
+    """Notes the size of every batch process() gets."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(tick_codec(), address)
+        self.sizes: list[int] = []
+
+    async def process(self, items: list[Any]) -> None:
+        self.sizes.append(len(items))
+        await super().process(items)
+
+
+async def test_a_backlog_reaches_process_in_bounded_batches(address: str) -> None:
+    """Messages that piled up are decoded a few at a time, not all into one huge batch."""
+    async with _Sizing(address) as subscriber:
+        with ZmqMessagePublisher(tick_codec(), address) as publisher:
+            await publisher.wait_for_subscribers(timeout=10)
+            for seq in range(10_000):  # ~80 full messages before the subscriber reads any
+                publisher.publish(Tick(seq))
+        await subscriber.wait_until(lambda: len(subscriber.items) == 10_000)
+    assert subscriber.items == [Tick(s) for s in range(10_000)]
+    assert max(subscriber.sizes) < 256 + 128, subscriber.sizes
+
+
 class _Gated(Collector):
     """A subscriber whose process() waits for a gate before it takes each batch."""
 
