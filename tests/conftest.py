@@ -1,15 +1,19 @@
-"""Shared test set-up: every test must leave no child process, /dev/shm entry or fd behind."""
+"""Shared test set-up: every test must leave no child process, thread, /dev/shm entry or fd
+behind."""
 
 from __future__ import annotations
 
 import gc
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+
+from wirebus import transport
 
 pytest_plugins = ["pytester"]
 
@@ -59,9 +63,13 @@ def _global_zmq_context() -> None:
 
 @pytest.fixture(autouse=True)
 def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    children, fds, shm = _children(), _fds(), _shm()
+    children, fds, shm, threads = _children(), _fds(), _shm(), set(threading.enumerate())
     yield
     gc.collect()
+    leaked_threads = [t.name for t in threading.enumerate() if t not in threads]
+    if leaked_threads:  # stop leaked publishers' writers, so the next test does not fail too
+        transport._close_live_publishers()
+    assert not leaked_threads, f"{request.node.nodeid} left threads {leaked_threads}"
     leaked_children = _children() - children
     assert not leaked_children, f"{request.node.nodeid} left child processes {leaked_children}"
     leaked_shm = _shm() - shm

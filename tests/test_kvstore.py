@@ -107,8 +107,14 @@ def same_floats(a: list[float], b: list[float]) -> bool:
 # Helper processes
 
 
-def _hammer_writer(path: str, done: str, seconds: str) -> None:
+HAMMER_CHECKS = 20  # checks each reader makes while the writer is still writing
+
+
+def _hammer_writer(path: str, done: str, seconds: str, readers: str) -> None:
+    """Write for at least ``seconds`` and until every reader has made its checks (markers
+    ``done.<pid>``), so a slow machine that starts the readers late still overlaps them."""
     store = BasicKVStore(path)
+    folder, marker = os.path.split(done)
     try:
         requests, clock, latency = (
             store.counter("requests"),
@@ -117,7 +123,10 @@ def _hammer_writer(path: str, done: str, seconds: str) -> None:
         )
         deadline = time.monotonic() + float(seconds)
         i = n = 0
-        while time.monotonic() < deadline and n < 2_000_000:
+        while n < 4_000_000 and (
+            time.monotonic() < deadline
+            or sum(name.startswith(marker + ".") for name in os.listdir(folder)) < int(readers)
+        ):
             for _ in range(64):
                 i += 1
                 requests.inc()
@@ -136,7 +145,7 @@ def _hammer_reader(path: str, done: str) -> None:
     while not os.path.exists(os.path.join(path, "chunk-000000")) and time.monotonic() < deadline:
         time.sleep(0.002)
     errors: list[str] = []
-    checks = seen = 0
+    checks = overlapped = seen = 0
     with KVStoreReader(path) as reader:
         while len(reader.keys()) < 3 and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -171,7 +180,11 @@ def _hammer_reader(path: str, done: str) -> None:
             checks += 1
             if finished:
                 break
-    print(json.dumps({"checks": checks, "seen": seen, "keys": len(keys), "errors": errors[:10]}))
+            overlapped += 1
+            if overlapped == HAMMER_CHECKS:
+                Path(f"{done}.{os.getpid()}").touch()
+    report = {"checks": checks, "overlapped": overlapped, "seen": seen, "keys": len(keys)}
+    print(json.dumps({**report, "errors": errors[:10]}))
 
 
 def _appender(path: str) -> None:
@@ -303,7 +316,7 @@ def test_a_series_spans_many_segments_and_chunks(store: BasicKVStore) -> None:
 def test_readers_never_see_torn_values_while_a_writer_hammers_and_grows(shm_dir: Path) -> None:
     path, done = shm_dir / "store", shm_dir / "done"
     readers = [spawn("hammer-reader", path, done) for _ in range(2)]
-    writer = spawn("hammer-writer", path, done, 1.2)
+    writer = spawn("hammer-writer", path, done, 1.2, len(readers))
     try:
         wait_for(lambda: (path / "chunk-000000").exists(), "the writer's store")
         files: dict[str, tuple[int, int]] = {}
@@ -332,7 +345,7 @@ def test_readers_never_see_torn_values_while_a_writer_hammers_and_grows(shm_dir:
         keys = len(reader.keys())
     for report in reports:
         assert report["errors"] == []
-        assert report["checks"] > 20
+        assert report["overlapped"] >= HAMMER_CHECKS, report
         assert report["seen"] == n
         assert report["keys"] == keys
     assert len(chunk_files(path)) >= 4, "the series should have grown over several chunks"

@@ -340,18 +340,19 @@ async def test_process_raising_is_reported_and_reading_goes_on(address: str) -> 
                 raise RuntimeError("process failed on 3")
             await super().process(items)
 
-    publisher = ZmqMessagePublisher(tick_codec(), address)
-    async with Failing(tick_codec(), address) as subscriber:
+    async with (
+        Failing(tick_codec(), address) as subscriber,
+        ZmqMessagePublisher(tick_codec(), address) as publisher,
+    ):
         await publisher.wait_for_subscribers(timeout=10)
         for seq in range(10):
             publisher.publish(Tick(seq))
-            await publisher.flush()
-            await asyncio.sleep(0)  # yield so batches stay small; not synchronisation
+            # one item per batch: the next is sent only once this one has been decoded
+            await subscriber.wait_until(lambda n=seq + 1: subscriber.stats.received == n)  # type: ignore[misc]
         await subscriber.wait_until(lambda: 9 in [t.seq for t in subscriber.items])
-        publisher.close()
-    assert subscriber.stats.process_errors >= 1
+    assert subscriber.stats.process_errors == 1
     assert any(isinstance(e, RuntimeError) and "3" in str(e) for e, _ in subscriber.errors)
-    assert 3 not in [t.seq for t in subscriber.items]
+    assert [t.seq for t in subscriber.items] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
 
 
 async def test_default_on_error_logs_with_traceback(
