@@ -486,6 +486,28 @@ async def test_a_subscriber_joining_while_a_loop_publishes_is_seen(
         await task
 
 
+def _wakeups(thread: threading.Thread) -> int:
+    """How many times ``thread`` has slept and been woken: its voluntary context switches."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+async def test_the_writer_stops_ticking_once_idle(
+    pair: tuple[ZmqMessagePublisher[Tick], Collector],
+) -> None:
+    publisher, subscriber = pair
+    for seq in range(300):  # sent by the loop: the writer starts its 20 ms tick
+        publisher.publish(Tick(seq))
+    await subscriber.wait_until(lambda: len(subscriber.items) == 300)
+    deadline = time.monotonic() + 5
+    while True:
+        before = _wakeups(publisher._thread)
+        await asyncio.sleep(0.1)  # a window of five ticks, polled until one is quiet
+        if _wakeups(publisher._thread) == before:
+            break
+        assert time.monotonic() < deadline, "an idle publisher's writer still wakes every tick"
+
+
 async def test_fan_in_publishers_connect_to_a_bound_subscriber(address: str) -> None:
     async with Collector(tick_codec(), address, connect=False) as subscriber:
         publishers = [ZmqMessagePublisher(tick_codec(), address, bind=False) for _ in range(3)]
@@ -603,6 +625,56 @@ def test_wrong_topic_width_is_rejected_at_publish(address: str) -> None:
         with pytest.raises(ValueError, match=r"b'short' of 5 bytes"):
             publisher.publish(Tick(1))
         assert publisher.stats.published == 0
+
+
+class _Tagged:
+    """Encodes ``(name, payload)`` as is: a str payload breaks the contract at send time."""
+
+    def encode(self, item: tuple[str, Any]) -> tuple[bytes, bytes]:
+        return make_topic(item[0]), item[1]
+
+    def decode(self, payload: bytes | memoryview) -> str:
+        return bytes(payload).decode()
+
+    def on_decode_error(self, payload: bytes | memoryview, exc: Exception) -> str | None:
+        raise exc
+
+
+def test_an_encode_result_that_is_not_a_pair_is_refused_at_publish(address: str) -> None:
+    class OneTuple(_Tagged):
+        def encode(self, item: tuple[str, Any]) -> tuple[bytes, bytes]:
+            return (make_topic(item[0]),)  # type: ignore[return-value]
+
+    with ZmqMessagePublisher(OneTuple(), address) as publisher:
+        for _ in range(2):  # refused each time, not failed: nothing was queued
+            with pytest.raises(ValueError, match=r"as \(b'a\\x00.*\), not a \(topic, payload"):
+                publisher.publish(("a", b"x"))
+        assert publisher.stats.published == 0
+
+
+@pytest.mark.parametrize("sender", ["loop", "thread"])
+async def test_a_failed_send_drops_its_run_and_delivers_what_follows(
+    address: str, sender: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever sends (the loop, or the writer for a thread), the run that fails is dropped,
+    the publisher refuses from then on, and the items behind it arrive in order."""
+    items = [("b", b"b0"), ("a", "not bytes"), ("b", b"b1"), ("b", b"b2"), ("b", b"b3")]
+    async with Collector(_Tagged(), address) as subscriber:
+        with ZmqMessagePublisher(_Tagged(), address) as publisher:
+            await publisher.wait_for_subscribers(timeout=10)
+            if sender == "loop":  # one loop turn: b0 goes at once, the rest at the next turn
+                for item in items:
+                    publisher.publish(item)
+            else:
+                await asyncio.to_thread(lambda: [publisher.publish(item) for item in items])
+            await subscriber.wait_until(lambda: len(subscriber.items) == 4)
+            with pytest.raises(RuntimeError, match=r"failed .*TypeError") as refused:
+                publisher.publish(("b", b"late"))
+            assert isinstance(refused.value.__cause__, TypeError)
+    assert subscriber.items == ["b0", "b1", "b2", "b3"]
+    assert publisher.stats.sent == 4
+    assert any("sending failed" in r.getMessage() for r in caplog.records)
+    assert not any("not sent" in r.getMessage() for r in caplog.records)
 
 
 def test_non_codec_is_a_type_error(address: str) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -222,6 +222,7 @@ class _Marker:
         self.writer_only = writer_only
 
 
+_Entry = tuple[bytes, bytes | _Marker]  # (topic, payload), or (_MARKER, marker)
 _WRITER_TICK = 20  # ms
 _WRITER = "the writer thread"
 _MARKER = b""  # the topic of a marker's queue entry; an item's topic is never empty
@@ -288,7 +289,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._max_batch_bytes = max_batch_bytes
         self.publisher_id = int.from_bytes(os.urandom(8), "little")
         self._seqs: dict[bytes, int] = {}
-        self._queue: collections.deque[tuple[bytes, bytes | _Marker]] = collections.deque()
+        self._queue: collections.deque[_Entry] = collections.deque()
         self._refusal: str | None = None  # why publish() refuses: closed, or the writer failed
         self._failure: Exception | None = None
         # Whoever holds _send_lock owns the socket: it sends the queue and reads subscriptions.
@@ -354,8 +355,13 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         if self._refusal is not None:
             raise RuntimeError(f"publish() on {self._refusal} {self!r}") from self._failure
         entry = self._encode(item)
-        if len(entry[0]) != TOPIC_FRAME_SIZE:
-            topic = entry[0]
+        try:
+            topic, _ = entry
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self.codec!r} encoded {item!r} as {entry!r}, not a (topic, payload) pair"
+            ) from None
+        if len(topic) != TOPIC_FRAME_SIZE:
             raise ValueError(
                 f"{self.codec!r} encoded topic {topic!r} of {len(topic)} bytes; topics must be "
                 f"exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
@@ -388,6 +394,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         Needed once threads other than the writer send, or are due to: the writer then sends
         what a blocked loop leaves queued, and reads the subscriptions whose FD edge their
         sends took (they do not read them, a ZMQ call that costs microseconds per message).
+        The writer stops ticking after a tick in which nothing was sent and nothing is queued.
         """
         self._ticking = True
         self._wake_writer()
@@ -411,18 +418,25 @@ class ZmqMessagePublisher(MessagePublisher[T]):
 
         That thread goes on until the queue is empty, so nothing is left behind.
         """
-        if not self._ticking:
-            self._start_ticking()
         if not self._send_lock.acquire(blocking=False):
             return
         try:
+            if not self._ticking:  # under the lock, as the writer stops ticking under it
+                self._start_ticking()
             if not self._socket.closed:
-                self._send_pending(writer=False)
+                self._send_queue(writer=False)
+        finally:
+            self._send_lock.release()
+
+    def _send_queue(self, writer: bool) -> bool:
+        """:meth:`_send_pending`, where a failure fails the publisher: it is logged, and what
+        follows the run that failed is sent before the socket closes."""
+        try:
+            return self._send_pending(writer)
         except Exception as exc:
             logger.exception("%r: sending failed; closing the socket", self)
             self._fail(exc)
-        finally:
-            self._send_lock.release()
+            return False
 
     def _fail(self, exc: Exception) -> None:
         self._failure = exc
@@ -498,8 +512,9 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._thread.join()
         self._refusal = "closed"
         unsent = sum(topic != _MARKER for topic, _ in self._queue)
-        if unsent:  # published from another thread while close() ran
-            logger.warning("%r: %d item(s) published during close() not sent", self, unsent)
+        if unsent:
+            why = "sending failed" if self._failure else "published during close()"
+            logger.warning("%r: %d item(s) not sent: %s", self, unsent, why)
         _live_publishers.discard(self)
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -537,16 +552,23 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                     ticked = not poller.poll(_WRITER_TICK if self._ticking else None)
                     _drain_pipe(self._wake_r)
                 self._sleeping = False
-                wanted, self._wanted = self._wanted, False
-                stalled = ticked and bool(queue) and self._messages == sent_at_tick
+                wanted = self._wanted
+                if wanted:  # cleared only once seen: what was queued before is sent below
+                    self._wanted = False
+                idle = ticked and self._messages == sent_at_tick
+                stalled = idle and bool(queue)
                 if wanted or stalled:
                     self._flusher = None  # a loop's callback may never run: schedule anew
                 if ticked:
                     sent_at_tick = self._messages
                 with self._send_lock:
-                    if (wanted or stalled) and self._send_pending(writer=True):
+                    if (wanted or stalled) and self._send_queue(writer=True):
                         return
                     self._read_subscriptions()  # sending may have taken the FD's edge
+                    if idle and not stalled:  # callers restart it (under this lock) to send
+                        self._ticking = False
+                        if queue:  # queued meanwhile, and its sender may have seen True
+                            self._ticking = True
         except Exception as exc:
             logger.exception("%r: writer thread failed; closing the socket", self)
             self._failure = exc
@@ -569,13 +591,16 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             for topic, run in runs:
                 # An entry's second half is a payload unless its topic is _MARKER.
                 if topic != _MARKER:
-                    self._send_run(topic, cast("list[bytes]", list(map(_PAYLOAD, run))))
+                    try:
+                        self._send_run(topic, cast("list[bytes]", list(map(_PAYLOAD, run))))
+                    except Exception:  # the run is dropped; what follows it stays queued
+                        _put_back(queue, runs)
+                        raise
                     continue
                 for entry in run:
                     marker = cast(_Marker, entry[1])
                     if marker.writer_only and not writer:
-                        rest = [entry, *run, *itertools.chain.from_iterable(r for _, r in runs)]
-                        queue.extendleft(reversed(rest))
+                        _put_back(queue, runs, entry, *run)
                         self._want_writer()
                         return False
                     if marker.action(self):
@@ -682,6 +707,15 @@ class _Started:
                     awaited = coroutine.send(sent)
                 except StopIteration:
                     return
+
+
+def _put_back(
+    queue: collections.deque[_Entry],
+    runs: Iterator[tuple[bytes, Iterator[_Entry]]],
+    *head: _Entry,
+) -> None:
+    """Return ``head``, then what ``runs`` has not yielded yet, to the front of ``queue``."""
+    queue.extendleft(reversed([*head, *itertools.chain.from_iterable(r for _, r in runs)]))
 
 
 def _fit(lengths: list[int], start: int, max_bytes: int) -> int:
