@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -766,6 +767,41 @@ async def test_a_backlog_reaches_process_in_bounded_batches(address: str) -> Non
         await subscriber.wait_until(lambda: len(subscriber.items) == 10_000)
     assert subscriber.items == [Tick(s) for s in range(10_000)]
     assert max(subscriber.sizes) < 256 + 128, subscriber.sizes
+
+
+async def test_a_backlog_of_bad_payloads_yields_to_the_loop_between_batches(address: str) -> None:
+    """Payloads that fail to decode count towards a batch too: a flood of them cannot hold
+    the event loop for the whole buffer."""
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    class Noting(Collector):
+        turns_seen: list[int] = []
+
+        async def on_error(self, exc: BaseException, payload: bytes | None) -> None:
+            self.turns_seen.append(turns)
+            await super().on_error(exc, payload)
+
+    counter = asyncio.create_task(count_turns())
+    try:
+        async with Noting(tick_codec(), address) as subscriber:
+            codec = _Passthrough(bytes, topic=SAMPLE_TOPIC)
+            with ZmqMessagePublisher(codec, address) as publisher:
+                await publisher.wait_for_subscribers(timeout=10)
+                for _ in range(5_000):  # ~40 full messages before the subscriber reads any
+                    publisher.publish(b"\xc1")  # never valid msgpack
+            await subscriber.wait_until(lambda: len(subscriber.errors) == 5_000)
+    finally:
+        counter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await counter
+    per_turn = collections.Counter(subscriber.turns_seen).values()
+    assert max(per_turn) < 256 + 128, sorted(per_turn)
 
 
 class _Gated(Collector):

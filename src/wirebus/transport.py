@@ -960,7 +960,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         )
 
     def _decode_batch(self, items: list[T], failures: list[tuple[Exception, bytes | None]]) -> None:
-        """Decode buffered frames into ``items`` until it holds ``_ITEMS_PER_BATCH`` or more.
+        """Decode buffered frames until ``_ITEMS_PER_BATCH`` or more payloads have been taken,
+        whether they decoded or not (so a flood of bad ones yields to the loop as often).
 
         A conflating subscriber takes every newest frame at once (one per publisher).
         """
@@ -970,8 +971,9 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             for frame in newest:
                 self._decode_frame(frame, items, failures)
             return
-        frames = self._frames
-        while frames and len(items) < _ITEMS_PER_BATCH:
+        frames, stats = self._frames, self.stats
+        end = stats.received + stats.malformed + _ITEMS_PER_BATCH
+        while frames and stats.received + stats.malformed < end:
             self._decode_frame(frames.popleft(), items, failures)
 
     def _pause_reading(self) -> None:
