@@ -439,13 +439,12 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             return False
 
     def _fail(self, exc: Exception) -> None:
-        self._failure = exc
-        self._refusal = f"failed ({exc!r})"
-        self._queue_finish(0)
-
-    def _queue_finish(self, linger: int) -> None:
-        """Queue the marker that has the writer close the socket, after what is queued."""
-        self._queue.append((_MARKER, _Marker(lambda publisher: publisher._finish(linger), True)))
+        """Refuse from now on. The writer sends what is still queued; the socket stays open
+        until :meth:`close`, so its linger and timeout apply as usual."""
+        if self._failure is None:
+            self._failure = exc
+        if self._refusal is None:
+            self._refusal = f"failed ({exc!r})"
         self._want_writer()
 
     def _put_marker(self, action: Callable[[ZmqMessagePublisher[Any]], bool]) -> None:
@@ -506,9 +505,9 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         if timeout is not None:
             budget = max(0, int(timeout * 1000))
             linger = budget if linger < 0 else min(linger, budget)
-        if self._refusal is None:  # publish() refuses from here on; the close marker comes last
-            self._refusal = "closed"
-            self._queue_finish(linger)
+        self._refusal = "closed"  # publish() refuses from here on; the close marker comes last
+        self._queue.append((_MARKER, _Marker(lambda publisher: publisher._finish(linger), True)))
+        self._want_writer()
         self._thread.join()
         self._refusal = "closed"
         unsent = sum(topic != _MARKER for topic, _ in self._queue)
@@ -566,6 +565,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                         return
                     self._read_subscriptions()  # sending may have taken the FD's edge
                     if idle and not stalled:  # callers restart it (under this lock) to send
+                        self._flusher = None  # the next publish() schedules anew: see above
                         self._ticking = False
                         if queue:  # queued meanwhile, and its sender may have seen True
                             self._ticking = True
@@ -666,6 +666,10 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._subscription_waiters = waiting
 
     def _finish(self, linger: int) -> bool:
+        for count, loop, future in self._subscription_waiters:
+            message = f"{self!r} closed with {self._subscriptions} of {count} subscriptions"
+            _notify(loop, future, RuntimeError(message))
+        self._subscription_waiters = []
         self._socket.close(linger=linger)
         if self._authenticator is not None:
             # Handshakes still under way fail from here on (ZAP_ENFORCE_DOMAIN), delivery
@@ -741,16 +745,23 @@ def _drain_pipe(fd: int) -> None:
         pass
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
+def _resolve(future: asyncio.Future[None], exc: Exception | None) -> None:
+    if future.done():
+        return
+    if exc is None:
         future.set_result(None)
+    else:
+        future.set_exception(exc)
 
 
-def _notify(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
-    """Resolve ``future`` from the writer thread; its waiter may have timed out, its loop gone."""
+def _notify(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], exc: Exception | None = None
+) -> None:
+    """Resolve ``future``, or fail it with ``exc``, from the writer thread; its waiter may have
+    timed out, its loop gone."""
     if not future.done():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(_resolve, future)
+            loop.call_soon_threadsafe(_resolve, future, exc)
 
 
 async def _wait(
