@@ -571,8 +571,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                             self._ticking = True
         except Exception as exc:
             logger.exception("%r: writer thread failed; closing the socket", self)
-            self._failure = exc
-            self._refusal = f"failed ({exc!r})"
+            self._fail(exc)
             with self._send_lock:
                 self._finish(0)
 
