@@ -429,12 +429,12 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             self._send_lock.release()
 
     def _send_queue(self, writer: bool) -> bool:
-        """:meth:`_send_pending`, where a failure fails the publisher: it is logged, and what
-        follows the run that failed is sent before the socket closes."""
+        """:meth:`_send_pending`, where a failure is logged and fails the publisher (see
+        :meth:`_fail`); what follows the run that failed stays queued and is sent."""
         try:
             return self._send_pending(writer)
         except Exception as exc:
-            logger.exception("%r: sending failed; closing the socket", self)
+            logger.exception("%r: sending failed; publish() refuses from now on", self)
             self._fail(exc)
             return False
 
@@ -509,7 +509,6 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._queue.append((_MARKER, _Marker(lambda publisher: publisher._finish(linger), True)))
         self._want_writer()
         self._thread.join()
-        self._refusal = "closed"
         unsent = sum(topic != _MARKER for topic, _ in self._queue)
         if unsent:
             why = "sending failed" if self._failure else "published during close()"
