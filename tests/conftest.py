@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -13,9 +14,20 @@ from collections.abc import Callable, Iterator
 import pytest
 import zmq
 
-from wirebus import transport
+from wirebus import _paths, transport
 
 pytest_plugins = ["pytester"]
+
+# Each test run gets its own runtime directory (every store, ipc socket and log directory the
+# library makes goes there; child processes inherit it), so the leak check below sees only this
+# run's entries, and other wirebus users on the machine, a second test run included, are no
+# concern. Set at import, before any test or fixture makes anything.
+RUNTIME_DIR = tempfile.mkdtemp(prefix="wirebus-test-", dir=_paths.shm_dir())
+os.environ[_paths.RUNTIME_DIR_ENV] = RUNTIME_DIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(RUNTIME_DIR, ignore_errors=True)
 
 
 def _children() -> set[int]:
@@ -44,14 +56,9 @@ def _fds() -> dict[str, str]:
     return out
 
 
-def _shm() -> set[str]:
-    """/dev/shm's entries, and the wirebus directories (ipc sockets, logs) in the temp dir."""
-    try:
-        shm = set(os.listdir("/dev/shm"))
-    except FileNotFoundError:
-        shm = set()
-    tmp = tempfile.gettempdir()
-    return shm | {os.path.join(tmp, e) for e in os.listdir(tmp) if e.startswith("wirebus-")}
+def _runtime_entries() -> set[str]:
+    """What wirebus made in this run's own runtime directory (stores, ipc dirs, logs)."""
+    return set(os.listdir(RUNTIME_DIR))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,7 +70,12 @@ def _global_zmq_context() -> None:
 
 @pytest.fixture(autouse=True)
 def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    children, fds, shm, threads = _children(), _fds(), _shm(), set(threading.enumerate())
+    children, fds, shm, threads = (
+        _children(),
+        _fds(),
+        _runtime_entries(),
+        set(threading.enumerate()),
+    )
     yield
     gc.collect()
     leaked_threads = [t.name for t in threading.enumerate() if t not in threads]
@@ -72,8 +84,8 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked_threads, f"{request.node.nodeid} left threads {leaked_threads}"
     leaked_children = _children() - children
     assert not leaked_children, f"{request.node.nodeid} left child processes {leaked_children}"
-    leaked_shm = _shm() - shm
-    assert not leaked_shm, f"{request.node.nodeid} left /dev/shm or temp entries {leaked_shm}"
+    leaked_shm = _runtime_entries() - shm
+    assert not leaked_shm, f"{request.node.nodeid} left runtime-dir entries {leaked_shm}"
     leaked_fds = _settled(lambda: {fd: t for fd, t in _fds().items() if fds.get(fd) != t})
     assert not leaked_fds, f"{request.node.nodeid} left file descriptors {leaked_fds}"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wirebus import EventRecord, SampleEventType
+from wirebus import EventRecord, SampleEventType, _paths
 from wirebus.kvstore import BasicKVStore
 from wirebus.services.event_logger import log_files
 from wirebus.services.event_publisher import EventPublisherService
@@ -27,8 +27,8 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def _demo_leftovers() -> list[str]:
-    """wirebus services still running, and demo stores still in /dev/shm."""
-    left = [e for e in os.listdir("/dev/shm") if e.startswith("wirebus-demo-")]
+    """wirebus services still running, and demo stores still in the runtime dir."""
+    left = [e for e in os.listdir(_paths.shm_dir()) if e.startswith("wirebus-demo-")]
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import wirebus.kvstore as kvstore
+from wirebus import _paths
 from wirebus.errors import KVStoreError
 from wirebus.kvstore import BasicKVStore, KVStore, KVStoreReader, SeriesSummary, cleanup_stale
 
@@ -77,7 +78,7 @@ def chunk_files(path: str | Path) -> list[str]:
 @pytest.fixture
 def shm_dir() -> Iterator[Path]:
     """A private directory in /dev/shm to put stores in; removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="wirebus-kvtest-", dir=kvstore._default_base()))
+    path = Path(tempfile.mkdtemp(prefix="wirebus-kvtest-", dir=_paths.shm_dir()))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -600,7 +601,7 @@ def test_the_default_store_is_private() -> None:
         os.umask(old)
     try:
         store.series("s").extend(range(100_000))
-        assert Path(store.path).parent == Path(kvstore._default_base())
+        assert Path(store.path).parent == Path(_paths.shm_dir())
         assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
         names = os.listdir(store.path)
         assert len(names) >= 2

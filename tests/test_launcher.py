@@ -9,7 +9,6 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from wirebus import _paths
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
 from wirebus.launcher import ServiceContext, ServiceLauncher, ServiceSpec
 
@@ -70,7 +70,9 @@ async def main(service):
         "stdin": os.readlink("/proc/self/fd/0"),
         "cwd": os.getcwd(),
         "foo": os.environ.get("FOO"),
-        "wirebus_env": sorted(k for k in os.environ if k.startswith("WIREBUS_")),
+        "wirebus_env": sorted(
+            k for k in os.environ if k.startswith("WIREBUS_") and k != "WIREBUS_RUNTIME_DIR"
+        ),
     }
     if MODE.startswith("grandchild"):
         how = MODE.removeprefix("grandchild-")
@@ -123,10 +125,10 @@ def service(tmp_path: Path) -> Service:
 
 @pytest.fixture
 def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Point tempfile at an empty directory and check that nothing is left in it."""
+    """Point wirebus's runtime dir at an empty directory and check that nothing is left in it."""
     directory = tmp_path / "tmp"
     directory.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    monkeypatch.setenv(_paths.RUNTIME_DIR_ENV, str(directory))
     yield directory
     assert sorted(os.listdir(directory)) == []
 
@@ -317,7 +319,7 @@ def test_services_end_when_the_launching_process_is_killed(
     # A SIGKILLed launcher cannot remove its log and ready-socket directories: keep them here.
     parent = subprocess.Popen(
         [PY, "-c", PARENT, str(script), str(services)],
-        env={**os.environ, "TMPDIR": str(tmp_path)},
+        env={**os.environ, _paths.RUNTIME_DIR_ENV: str(tmp_path)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
     )

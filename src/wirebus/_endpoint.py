@@ -17,6 +17,8 @@ import weakref
 
 import zmq
 
+from wirebus import _paths
+
 SCHEMES = ("ipc", "tcp", "inproc")
 _ANY_HOSTS = ("*", "0.0.0.0", "[::]", "::", "[*]")
 _IPC_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
@@ -56,7 +58,7 @@ def new_ipc_address(name: str = "wirebus") -> str:
     The directory is removed when the process exits or when :func:`remove_ipc_dir` is called
     with the address.
     """
-    directory = tempfile.mkdtemp(prefix="wirebus-")
+    directory = tempfile.mkdtemp(prefix="wirebus-", dir=_paths.temp_dir())
     path = os.path.join(directory, f"{name}.sock")
     weakref.finalize(_IPC_DIRS, shutil.rmtree, directory, True)
     return f"ipc://{path}"

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from wirebus import _paths
 from wirebus._endpoint import new_ipc_address, remove_ipc_dir
 from wirebus.kvstore import KVStoreReader
 from wirebus.launcher import ServiceLauncher, ServiceSpec
@@ -82,8 +83,7 @@ class DemoResult:
 
 
 def _store_dir() -> str:
-    shm = "/dev/shm"
-    return tempfile.mkdtemp(prefix="wirebus-demo-", dir=shm if os.path.isdir(shm) else None)
+    return tempfile.mkdtemp(prefix="wirebus-demo-", dir=_paths.shm_dir())
 
 
 def _prepare_out(out: Path) -> Path:

@@ -35,6 +35,7 @@ from typing import NamedTuple, cast
 
 import msgspec
 
+from wirebus import _paths
 from wirebus._resource import Resource
 from wirebus.errors import KVStoreError
 
@@ -259,10 +260,6 @@ def _check_mode(mode: object) -> int:
 
 def _dir_mode(mode: int) -> int:
     return 0o700 | (0o050 if mode & 0o040 else 0) | (0o005 if mode & 0o004 else 0)
-
-
-def _default_base() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def _remove(path: str) -> None:
@@ -621,7 +618,7 @@ class BasicKVStore(KVStore):
         self._series: list[_ShmSeries] = []
         self._last_record = 0
         self._top = _CHUNK_SIZE
-        self.path = _default_base() if path is None else os.fspath(path)
+        self.path = _paths.shm_dir() if path is None else os.fspath(path)
         try:
             self._make_dir(path is None)
             self._take_lock()
@@ -1447,7 +1444,7 @@ def cleanup_stale(directory: str | os.PathLike[str] | None = None) -> list[str]:
     writer no longer holds the lock: it died, or it closed without unlinking. Only the store's
     own files are removed, then the directory if that left it empty.
     """
-    base = _default_base() if directory is None else os.fspath(directory)
+    base = _paths.shm_dir() if directory is None else os.fspath(directory)
     removed = []
     with os.scandir(base) as entries:
         candidates = sorted(e.path for e in entries if e.is_dir(follow_symlinks=False))

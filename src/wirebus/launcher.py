@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from wirebus import _paths
+from wirebus._aio import positive_timeout, resolve
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
 from wirebus.ready import (
     READY_ADDRESS_ENV,
@@ -44,8 +46,6 @@ from wirebus.ready import (
     ReadyCheckReceiver,
     ReadySignal,
     _accept_signal,
-    _positive_timeout,
-    _wake,
     send_ready_signal,
 )
 
@@ -228,8 +228,8 @@ class ServiceLauncher:
         stop_timeout: float = 10.0,
         log_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._ready_timeout = _positive_timeout("ready_timeout", ready_timeout)
-        self._stop_timeout = _positive_timeout("stop_timeout", stop_timeout)
+        self._ready_timeout = positive_timeout("ready_timeout", ready_timeout)
+        self._stop_timeout = positive_timeout("stop_timeout", stop_timeout)
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
         self._owns_log_dir = False
         self._services: dict[str, _Service] = {}
@@ -294,7 +294,7 @@ class ServiceLauncher:
     def _open(self) -> tuple[ReadyCheckReceiver, dict[str, str], str]:
         """Make the log dir, the ready receiver and the death pipe; return what spawning needs."""
         if self._log_dir is None:
-            self._log_dir = tempfile.mkdtemp(prefix="wirebus-logs-")
+            self._log_dir = tempfile.mkdtemp(prefix="wirebus-logs-", dir=_paths.temp_dir())
             self._owns_log_dir = True
         else:
             os.makedirs(self._log_dir, exist_ok=True)
@@ -436,7 +436,7 @@ class ServiceLauncher:
         loop. Idempotent: later calls return the same dict; before :meth:`start` it returns
         ``{}``. Called while :meth:`start` runs in another task, it cancels that start.
         """
-        total = self._stop_timeout if timeout is None else _positive_timeout("timeout", timeout)
+        total = self._stop_timeout if timeout is None else positive_timeout("timeout", timeout)
         if self._state == "new":
             return {}
         if self._state == "starting" and self._start_task is not None:
@@ -543,11 +543,11 @@ async def _wait_exits(
         loop.remove_reader(child.pidfd)
         pending.discard(child)
         if not pending:
-            _wake(done)
+            resolve(done)
 
     for child in pending:
         loop.add_reader(child.pidfd, on_exit, child)
-    timer = loop.call_at(deadline, _wake, done)
+    timer = loop.call_at(deadline, resolve, done)
     try:
         await done
     finally:

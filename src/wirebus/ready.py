@@ -27,6 +27,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from wirebus._aio import positive_timeout, resolve
 from wirebus._endpoint import bind, check_address, connect, new_ipc_address, remove_ipc_dir
 from wirebus._resource import Resource
 from wirebus.errors import ReadyTimeoutError
@@ -63,20 +64,6 @@ class ReadySignal(msgspec.Struct):
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(ReadySignal)
-
-
-def _positive_timeout(name: str, value: float) -> float:
-    """Return ``value`` if it is a finite number of seconds above zero, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return float(value)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _expected_names(expected: int | Iterable[str]) -> tuple[frozenset[str] | None, int]:
@@ -178,7 +165,7 @@ class ReadyCheckReceiver(Resource):
         ``TimeoutError`` naming the address when none arrives within ``timeout`` seconds;
         ``RuntimeError`` when the receiver is (or gets) closed or another call is waiting.
         """
-        _positive_timeout("timeout", timeout)
+        positive_timeout("timeout", timeout)
         if self._waiter is not None:
             raise RuntimeError(f"another receive() is already waiting on {self.address!r}")
         loop = asyncio.get_running_loop()
@@ -200,7 +187,7 @@ class ReadyCheckReceiver(Resource):
         ``timeout`` seconds pass first.
         """
         names, count = _expected_names(expected)
-        _positive_timeout("timeout", timeout)
+        positive_timeout("timeout", timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ready: dict[str, ReadySignal] = {}
@@ -235,8 +222,8 @@ class ReadyCheckReceiver(Resource):
 
     async def _readable(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         waiter: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self._fd, _wake, waiter)
-        timer = loop.call_later(timeout, _wake, waiter)
+        loop.add_reader(self._fd, resolve, waiter)
+        timer = loop.call_later(timeout, resolve, waiter)
         self._waiter = waiter
         try:
             await waiter
@@ -288,7 +275,7 @@ class ReadyCheckReceiver(Resource):
         waiter = self._waiter
         if waiter is not None:
             waiter.get_loop().remove_reader(self._fd)
-            _wake(waiter)
+            resolve(waiter)
         self._sock.close(linger=0)
         if self._context is not None:
             self._context.term()
@@ -331,7 +318,7 @@ def send_ready_signal(
     lingers past its timeout. ``info`` must map str keys to msgpack-encodable values.
     """
     check_address(address, bind=False)
-    _positive_timeout("timeout", timeout)
+    positive_timeout("timeout", timeout)
     payload = _encode_signal(identity, info, token)
     deadline = time.monotonic() + timeout
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()

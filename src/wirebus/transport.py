@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import zmq
 
-from wirebus import _endpoint, security
+from wirebus import _aio, _endpoint, security
 from wirebus._resource import Resource
 from wirebus.codec import TOPIC_FRAME_SIZE, MessageCodec, check_codec, make_topic
 from wirebus.security import CurveClient, CurveServer
@@ -458,11 +458,11 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         done = loop.create_future()
 
         def notify(_: ZmqMessagePublisher[Any]) -> bool:
-            _notify(loop, done)
+            _aio.resolve_threadsafe(loop, done)
             return False
 
         self._put_marker(notify)
-        await _wait(done, timeout, lambda: f"{self!r}: flush not done within {timeout} s")
+        await _aio.wait(done, timeout, lambda: f"{self!r}: flush not done within {timeout} s")
 
     async def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> None:
         """Return once ``count`` subscriptions reached this publisher; ``TimeoutError`` otherwise.
@@ -482,7 +482,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             return False
 
         self._put_marker(register)
-        await _wait(
+        await _aio.wait(
             done,
             timeout,
             lambda: f"{self!r}: {self._subscriptions} of {count} subscriptions within {timeout} s",
@@ -658,7 +658,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         waiting = []
         for count, loop, future in self._subscription_waiters:
             if self._subscriptions >= count:
-                _notify(loop, future)
+                _aio.resolve_threadsafe(loop, future)
             elif not future.done():  # a waiter that timed out is forgotten
                 waiting.append((count, loop, future))
         self._subscription_waiters = waiting
@@ -666,7 +666,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     def _finish(self, linger: int) -> bool:
         for count, loop, future in self._subscription_waiters:
             message = f"{self!r} closed with {self._subscriptions} of {count} subscriptions"
-            _notify(loop, future, RuntimeError(message))
+            _aio.resolve_threadsafe(loop, future, RuntimeError(message))
         self._subscription_waiters = []
         self._socket.close(linger=linger)
         if self._authenticator is not None:
@@ -741,34 +741,6 @@ def _drain_pipe(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
-
-
-def _resolve(future: asyncio.Future[None], exc: Exception | None) -> None:
-    if future.done():
-        return
-    if exc is None:
-        future.set_result(None)
-    else:
-        future.set_exception(exc)
-
-
-def _notify(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], exc: Exception | None = None
-) -> None:
-    """Resolve ``future``, or fail it with ``exc``, from the writer thread; its waiter may have
-    timed out, its loop gone."""
-    if not future.done():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(_resolve, future, exc)
-
-
-async def _wait(
-    future: asyncio.Future[None], timeout: float | None, message: Callable[[], str]
-) -> None:
-    try:
-        await asyncio.wait_for(future, timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(message()) from None
 
 
 def _topic_filter(topic: str | bytes) -> bytes:
