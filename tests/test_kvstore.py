@@ -696,7 +696,7 @@ def test_a_failed_constructor_leaves_nothing_it_made(shm_dir: Path) -> None:
 
 def test_a_store_whose_writer_is_gone_is_not_reopened_for_writing(shm_dir: Path) -> None:
     BasicKVStore(shm_dir / "s").close()
-    with pytest.raises(KVStoreError, match=r"writer is gone.*cleanup_stale"):
+    with pytest.raises(KVStoreError, match=r"writer is gone.*remove_store"):
         BasicKVStore(shm_dir / "s")
     assert sorted(os.listdir(shm_dir / "s")) == ["chunk-000000", "lock"]
 

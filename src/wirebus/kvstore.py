@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -21,6 +22,7 @@ import mmap
 import numbers
 import os
 import re
+import stat
 import struct
 import tempfile
 import weakref
@@ -49,6 +51,7 @@ __all__ = [
     "SeriesSummary",
     "SeriesView",
     "cleanup_stale",
+    "remove_store",
 ]
 
 _MAGIC = int.from_bytes(b"WBKVSTOR", "little")
@@ -101,6 +104,7 @@ _ZERO_POS_BITS = 0x7FF3_FFFF_FFFF_FFFF
 _ZERO_NEG_BITS = 0xFFF3_FFFF_FFFF_FFFF - (1 << 64)
 
 _KEY_SHIFT = 46
+_M18 = (1 << 18) - 1
 _KEY_SIGN = 1 << 17
 _KEY_MAGNITUDE = _KEY_SIGN - 1
 _INF_MAGNITUDE = 0x7FF0_0000_0000_0000 >> _KEY_SHIFT
@@ -262,13 +266,72 @@ def _dir_mode(mode: int) -> int:
     return 0o700 | (0o050 if mode & 0o040 else 0) | (0o005 if mode & 0o004 else 0)
 
 
-def _remove(path: str) -> None:
+def _remove(name: str, dir_fd: int) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
 
 
-def _close_fd(fd: int) -> None:
-    os.close(fd)
+def _check_trusted(path: str, info: os.stat_result, owner: int) -> None:
+    """Refuse ``path`` unless ``owner`` owns it and nobody else may write to it."""
+    if info.st_uid != owner:
+        raise KVStoreError(
+            f"{path!r} is owned by uid {info.st_uid}, not {owner}: refusing to trust it"
+        )
+    if info.st_mode & 0o022:
+        raise KVStoreError(
+            f"{path!r} has mode {stat.S_IMODE(info.st_mode):#o}: writable by group or others, "
+            "refusing to trust it"
+        )
+
+
+def _open_dir(path: str, owner: int) -> int:
+    """Open the store directory ``path`` (never through a symlink) once it is trusted."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise KVStoreError(f"{path!r} is not a store directory: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise KVStoreError(f"{path!r} is a symlink: a store path is never followed")
+    if not stat.S_ISDIR(info.st_mode):
+        raise KVStoreError(f"{path!r} is not a store directory (it is not a directory)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KVStoreError(f"cannot open store directory {path!r}: {exc}") from exc
+    try:
+        _check_trusted(path, os.fstat(fd), owner)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_file(dir_fd: int, dir_path: str, name: str, flags: int, owner: int) -> int:
+    """Open the store file ``name``: never through a symlink, never blocking on a FIFO, and only
+    a regular file this ``owner`` owns and nobody else may write. ``FileNotFoundError`` passes."""
+    path = os.path.join(dir_path, name)
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KVStoreError(f"{path!r} is a symlink: store files are never followed") from None
+        raise KVStoreError(f"cannot open {path!r}: {exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KVStoreError(f"{path!r} is not a regular file (mode {info.st_mode:#o})")
+        _check_trusted(path, info, owner)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -610,8 +673,8 @@ class BasicKVStore(KVStore):
         self._closed = True
         self._unlinked = False
         self._created_dir = False
+        self._dir_fd = -1
         self._lock_fd = -1
-        self._locked = False
         self._maps: list[_Mapping] = []
         self._made: list[str] = []
         self._handles: dict[str, tuple[int, _Handle]] = {}
@@ -627,7 +690,7 @@ class BasicKVStore(KVStore):
             self._abandon()
             raise
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_fd, self._lock_fd)
+        self._finalizer = weakref.finalize(self, _close_fds, self._lock_fd, self._dir_fd)
 
     def counter(self, name: str) -> Counter:
         return cast(Counter, self._key(name, _COUNTER))
@@ -670,67 +733,87 @@ class BasicKVStore(KVStore):
         else:
             self.close()
 
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._handles)} keys"
         return f"<BasicKVStore {self.path!r} ({state})>"
 
     def _make_dir(self, fresh: bool) -> None:
+        """Make the store directory, or take an existing one this user owns and only this user
+        may write; never through a symlink."""
         try:
             if fresh:
                 self.path = tempfile.mkdtemp(prefix="wirebus-kv-", dir=self.path)
                 self._created_dir = True
             else:
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(self.path, 0o700)
                     self._created_dir = True
-                except FileExistsError:
-                    if not os.path.isdir(self.path):
-                        raise KVStoreError(f"{self.path!r} exists and is not a directory") from None
-            if self._created_dir:
-                os.chmod(self.path, _dir_mode(self._mode))
         except OSError as exc:
             raise KVStoreError(f"cannot create store directory {self.path!r}: {exc}") from exc
+        self._dir_fd = _open_dir(self.path, os.geteuid())
+        if self._created_dir:
+            os.fchmod(self._dir_fd, _dir_mode(self._mode))
 
     def _take_lock(self) -> None:
         lock = os.path.join(self.path, _LOCK_NAME)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
             try:
-                self._lock_fd = os.open(lock, flags | os.O_EXCL, self._mode)
+                self._lock_fd = os.open(
+                    _LOCK_NAME,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    self._mode,
+                    dir_fd=self._dir_fd,
+                )
                 made = True
             except FileExistsError:
-                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+                self._lock_fd = _open_file(
+                    self._dir_fd, self.path, _LOCK_NAME, os.O_RDWR, os.geteuid()
+                )
                 made = False
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise KVStoreError(
-                f"store {self.path!r} already has a writer{_writer_pid(self.path)}"
+                f"store {self.path!r} already has a writer{_writer_pid(self._dir_fd, self.path)}"
             ) from None
         except OSError as exc:
             raise KVStoreError(f"cannot lock {lock!r}: {exc}") from exc
-        self._locked = True
         if made:
-            self._made.append(lock)
+            self._made.append(_LOCK_NAME)
             os.fchmod(self._lock_fd, self._mode)
-        others = sorted(set(os.listdir(self.path)) - {_LOCK_NAME})
+        others = sorted(set(os.listdir(self._dir_fd)) - {_LOCK_NAME})
         if _CHUNK_NAME.format(0) in others:
             raise KVStoreError(
                 f"{self.path!r} holds a store whose writer is gone; remove it with "
-                "cleanup_stale() or choose another path"
+                "remove_store() or choose another path"
             )
         if others:
             raise KVStoreError(f"{self.path!r} is not empty: it holds {others[:3]!r}")
         if not made:
-            self._made.append(lock)
+            self._made.append(_LOCK_NAME)
 
     def _add_chunk(self) -> None:
         index = len(self._maps)
-        final = os.path.join(self.path, _CHUNK_NAME.format(index))
-        temp = os.path.join(self.path, f".{_CHUNK_NAME.format(index)}.tmp")
+        final = _CHUNK_NAME.format(index)
+        temp = f".{final}.tmp"
         try:
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self._mode)
+            fd = os.open(
+                temp,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                self._mode,
+                dir_fd=self._dir_fd,
+            )
         except OSError as exc:
-            raise KVStoreError(f"cannot create chunk file {temp!r}: {exc}") from exc
+            raise KVStoreError(
+                f"cannot create chunk file {os.path.join(self.path, temp)!r}: {exc}"
+            ) from exc
         mm: mmap.mmap | None = None
         done = False
         try:
@@ -739,18 +822,19 @@ class BasicKVStore(KVStore):
             header = _HEADER.pack(_MAGIC, _VERSION, _CHUNK_SIZE, index, 0, os.getpid(), 0, 0)
             os.pwrite(fd, header, 0)
             mm = mmap.mmap(fd, _CHUNK_SIZE)
-            os.rename(temp, final)
+            os.rename(temp, final, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             done = True
         except OSError as exc:
             raise KVStoreError(
-                f"cannot add chunk {final!r} ({_CHUNK_SIZE} bytes) to the store: {exc}"
+                f"cannot add chunk {os.path.join(self.path, final)!r} ({_CHUNK_SIZE} bytes) "
+                f"to the store: {exc}"
             ) from exc
         finally:
             os.close(fd)
             if not done:
                 if mm is not None:
                     mm.close()
-                _remove(temp)
+                _remove(temp, self._dir_fd)
         assert mm is not None
         self._made.append(final)
         self._maps.append(_Mapping(mm))
@@ -815,41 +899,50 @@ class BasicKVStore(KVStore):
         )
 
     def _release(self) -> None:
+        """Unmap every chunk and close the lock and the directory (which drops the lock)."""
         for mapping in self._maps:
             mapping.release()
         self._maps.clear()
-        if self._lock_fd >= 0:
-            if hasattr(self, "_finalizer"):
-                self._finalizer.detach()
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        if hasattr(self, "_finalizer"):
+            self._finalizer.detach()
+        for fd in (self._lock_fd, self._dir_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = self._dir_fd = -1
 
     def _remove_made(self) -> None:
-        for path in reversed(self._made):
-            _remove(path)
-        self._made.clear()
+        if self._made:
+            with contextlib.suppress(KVStoreError):
+                dir_fd = _open_dir(self.path, os.geteuid())
+                try:
+                    for name in reversed(self._made):
+                        _remove(name, dir_fd)
+                finally:
+                    os.close(dir_fd)
+            self._made.clear()
         if self._created_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(self.path)
 
     def _abandon(self) -> None:
         """Undo a failed constructor: release what it holds and remove what it made."""
-        for mapping in self._maps:
-            mapping.release()
-        self._maps.clear()
+        self._release()
         self._remove_made()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
 
 
-def _writer_pid(path: str) -> str:
+def _writer_pid(dir_fd: int, path: str) -> str:
+    """`` (pid N)``: the writer named in the header of chunk 0, or "" if it cannot be read."""
     try:
-        with open(os.path.join(path, _CHUNK_NAME.format(0)), "rb") as f:
-            header = f.read(_HEADER.size)
-        return f" (pid {_HEADER.unpack(header)[_H_PID]})"
-    except (OSError, struct.error):
+        fd = _open_file(dir_fd, path, _CHUNK_NAME.format(0), os.O_RDONLY, os.geteuid())
+    except (OSError, KVStoreError):
         return ""
+    try:
+        header = os.pread(fd, _HEADER.size, 0)
+    finally:
+        os.close(fd)
+    if len(header) < _HEADER.size:
+        return ""
+    return f" (pid {_HEADER.unpack(header)[_H_PID]})"
 
 
 class SeriesSummary(msgspec.Struct, frozen=True):
@@ -1082,13 +1175,34 @@ class SeriesView:
         k = bisect_right(_VSEG_START, i) - 1
         if k >= _VSEG_SLOTS:
             return None
-        pointer = self._block.q[self._word + _S_VSEGS + k]
-        reader = self._reader
-        mapping = reader._map(pointer // reader._chunk_size) if pointer else None
-        if mapping is None:
+        located = self._segment_at(_S_VSEGS, k, _vseg_capacity, 8, "value")
+        if located is None:
             return None
-        base = (pointer % reader._chunk_size >> 3) - _VSEG_START[k]
+        mapping, first = located
+        base = first - _VSEG_START[k]
         return mapping.q, base + i, base + _VSEG_START[k + 1]
+
+    def _segment_at(
+        self, table: int, k: int, capacity: Callable[[int], int], entry_bytes: int, what: str
+    ) -> tuple[_Mapping, int] | None:
+        """The mapping and first word of segment ``k`` of a segment table; ``None`` if it is not
+        allocated (or visible) yet. The writer allocates segments in order, each after the
+        last, so a pointer that overlaps the previous segment is corruption."""
+        pointer = self._block.q[self._word + table + k]
+        if not pointer:
+            return None
+        if k:
+            previous = self._block.q[self._word + table + k - 1]
+            if not previous:
+                return None
+            if pointer < previous + capacity(k - 1) * entry_bytes:
+                raise KVStoreError(
+                    f"corrupt store {self._reader.path!r}: series {self._name!r} {what} "
+                    f"segment {k} at {pointer} overlaps segment {k - 1} at {previous}"
+                )
+        return self._reader._locate(
+            pointer, capacity(k) * entry_bytes, f"series {self._name!r} {what} segment {k}"
+        )
 
     def _words(self, start: int, stop: int) -> list[int]:
         """The stored words of values [start, stop), up to the first one not written yet."""
@@ -1146,11 +1260,10 @@ class SeriesView:
         while len(keys) < entries:
             if k == _BSEG_SLOTS:
                 return None
-            pointer = self._block.q[self._word + _S_BSEGS + k]
-            mapping = reader._map(pointer // reader._chunk_size) if pointer else None
-            if mapping is None:
+            located = self._segment_at(_S_BSEGS, k, _bseg_capacity, 16, "histogram")
+            if located is None:
                 return None
-            base = pointer % reader._chunk_size >> 3
+            mapping, base = located
             take = min(_bseg_capacity(k), entries - len(keys))
             pairs = mapping.q[base : base + 2 * take].tolist()
             keys += pairs[0::2]
@@ -1159,6 +1272,14 @@ class SeriesView:
         digest = sum(map(mul, counts, map(_weight, keys))) % _P
         if _summary_check((n, nan, sum_bits, min_bits, max_bits, entries), digest) != check:
             return None
+        if (
+            any(not 0 <= key <= _M18 or _is_nan_key(key) for key in keys)
+            or min(counts, default=0) < 0
+        ):
+            raise KVStoreError(
+                f"corrupt store {reader.path!r}: series {self._name!r} has a histogram entry "
+                "that no writer makes"
+            )
         return _Published(
             n,
             nan,
@@ -1217,16 +1338,15 @@ class KVStoreReader(Resource):
     manager that closes on exit.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, owner: int | None = None) -> None:
         self.path = os.fspath(path)
+        self._owner = os.geteuid() if owner is None else owner
         self._closed = False
         self._maps: dict[int, _Mapping] = {}
         self._keys: dict[str, _KeyInfo] = {}
         self._views: dict[str, SeriesView] = {}
         self._last_record = 0
-        self._chunk_size = _CHUNK_SIZE
-        if not os.path.isdir(self.path):
-            raise KVStoreError(f"{self.path!r} is not a store directory")
+        self._dir_fd = _open_dir(self.path, self._owner)
         try:
             self._map(0)
         except BaseException:
@@ -1305,6 +1425,9 @@ class KVStoreReader(Resource):
         self._maps.clear()
         self._keys.clear()
         self._views.clear()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     def __repr__(self) -> str:
         return f"<KVStoreReader {self.path!r}{' (closed)' if self._closed else ''}>"
@@ -1330,15 +1453,15 @@ class KVStoreReader(Resource):
             return mapping
         name = os.path.join(self.path, _CHUNK_NAME.format(index))
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_file(
+                self._dir_fd, self.path, _CHUNK_NAME.format(index), os.O_RDONLY, self._owner
+            )
         except FileNotFoundError:
             if index == 0:
                 raise KVStoreError(
                     f"{self.path!r} is not a store: it has no {_CHUNK_NAME.format(0)}"
                 ) from None
             return None
-        except OSError as exc:
-            raise KVStoreError(f"cannot open {name!r}: {exc}") from exc
         try:
             size = os.fstat(fd).st_size
             header = os.pread(fd, _HEADER.size, 0)
@@ -1352,13 +1475,16 @@ class KVStoreReader(Resource):
                     f"{name!r} has format version {words[_H_VERSION]}; this reader reads "
                     f"version {_VERSION}"
                 )
-            if index == 0:
-                self._chunk_size = words[_H_CHUNK_SIZE]
-            if words[_H_CHUNK_SIZE] != self._chunk_size or words[_H_INDEX] != index:
-                raise KVStoreError(f"{name!r} has a corrupt header: {words!r}")
-            if size != self._chunk_size:
-                raise KVStoreError(f"{name!r} is truncated: {size} of {self._chunk_size} bytes")
-            mm = mmap.mmap(fd, self._chunk_size, access=mmap.ACCESS_READ)
+            if words[_H_CHUNK_SIZE] != _CHUNK_SIZE:
+                raise KVStoreError(
+                    f"{name!r} has a corrupt header: chunk size {words[_H_CHUNK_SIZE]} "
+                    f"(format version {_VERSION} has {_CHUNK_SIZE})"
+                )
+            if words[_H_INDEX] != index:
+                raise KVStoreError(f"{name!r} has a corrupt header: index {words[_H_INDEX]}")
+            if size != _CHUNK_SIZE:
+                raise KVStoreError(f"{name!r} is truncated: {size} of {_CHUNK_SIZE} bytes")
+            mm = mmap.mmap(fd, _CHUNK_SIZE, access=mmap.ACCESS_READ)
         except OSError as exc:
             raise KVStoreError(f"cannot map {name!r}: {exc}") from exc
         finally:
@@ -1366,20 +1492,32 @@ class KVStoreReader(Resource):
         mapping = self._maps[index] = _Mapping(mm)
         return mapping
 
-    def _locate(self, offset: int) -> tuple[_Mapping, int] | None:
-        mapping = self._map(offset // self._chunk_size)
-        return None if mapping is None else (mapping, offset % self._chunk_size >> 3)
+    def _locate(self, offset: int, nbytes: int, what: str) -> tuple[_Mapping, int] | None:
+        """The mapping and word index of the ``nbytes`` at store offset ``offset``; ``None`` if
+        their chunk is not visible yet. ``KVStoreError`` if they are not inside one chunk's
+        allocatable space: no writer ever stores such a pointer."""
+        chunk, start = divmod(offset, _CHUNK_SIZE)
+        if offset <= 0 or offset % 8 or start < _CHUNK_HEADER or start + nbytes > _CHUNK_SIZE:
+            raise KVStoreError(f"corrupt store {self.path!r}: {what} at offset {offset}")
+        mapping = self._map(chunk)
+        return None if mapping is None else (mapping, start >> 3)
 
     def _refresh(self) -> None:
         """Follow the chain of key records past the last one read, stopping at the first one
-        not (yet) committed."""
+        not (yet) committed. The allocator hands out increasing offsets, so a ``next`` that
+        does not point forward is corruption (and would loop)."""
         if self._last_record:
-            located = self._locate(self._last_record)
+            located = self._locate(self._last_record, _RECORD_HEAD, "key record")
             assert located is not None
             offset = located[0].q[located[1] + _R_NEXT]
         else:
             offset = self._maps[0].q[_H_FIRST_KEY]
         while offset:
+            if offset <= self._last_record:
+                raise KVStoreError(
+                    f"corrupt store {self.path!r}: the key record at {self._last_record} has "
+                    f"next {offset}, not after it"
+                )
             record = self._read_record(offset)
             if record is None:
                 return
@@ -1389,9 +1527,7 @@ class KVStoreReader(Resource):
             offset = next_offset
 
     def _read_record(self, offset: int) -> tuple[str, _KeyInfo, int] | None:
-        if offset % 8 or offset % self._chunk_size < _CHUNK_HEADER:
-            raise KVStoreError(f"corrupt store {self.path!r}: key record offset {offset}")
-        located = self._locate(offset)
+        located = self._locate(offset, _RECORD_HEAD, "key record")
         if located is None:
             return None
         mapping, index = located
@@ -1399,16 +1535,19 @@ class KVStoreReader(Resource):
         kind, size = meta & 0xFF, meta >> 8
         start = index * 8
         end = start + _RECORD_HEAD + ((size + 7) & ~7)
-        if kind not in _KIND_NAMES or not 0 < size <= _MAX_KEY_BYTES or end > self._chunk_size:
+        if kind not in _KIND_NAMES or not 0 < size <= _MAX_KEY_BYTES or end > _CHUNK_SIZE:
             return None
         raw = bytes(mapping.raw[start:end])
         if int.from_bytes(raw[:8], "little") != _record_check(raw[_R_META * 8 :]):
             return None
         data = int.from_bytes(raw[_R_DATA * 8 : _R_DATA * 8 + 8], "little", signed=True)
-        target = self._locate(data)
+        target = self._locate(data, _S_WORDS * 8 if kind == _SERIES else 8, "key data")
         if target is None:
             return None
-        name = raw[_RECORD_HEAD : _RECORD_HEAD + size].decode("utf-8")
+        try:
+            name = raw[_RECORD_HEAD : _RECORD_HEAD + size].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise KVStoreError(f"corrupt store {self.path!r}: key name {exc}") from None
         return name, _KeyInfo(kind, *target), mapping.q[index + _R_NEXT]
 
 
@@ -1442,42 +1581,61 @@ def cleanup_stale(directory: str | os.PathLike[str] | None = None) -> list[str]:
     Each subdirectory holding a wirebus store is checked (``directory`` defaults to where
     :class:`BasicKVStore` makes stores: ``/dev/shm`` or the temp dir). A store is stale when its
     writer no longer holds the lock: it died, or it closed without unlinking. Only the store's
-    own files are removed, then the directory if that left it empty.
+    own files are removed, then the directory if that left it empty. Anything that
+    :func:`remove_store` would refuse (another user's directory, one others may write, a
+    symlink, a FIFO, a live store) is left alone.
     """
     base = _paths.shm_dir() if directory is None else os.fspath(directory)
     removed = []
     with os.scandir(base) as entries:
         candidates = sorted(e.path for e in entries if e.is_dir(follow_symlinks=False))
     for path in candidates:
-        if _remove_if_stale(path):
+        with contextlib.suppress(KVStoreError):
+            remove_store(path)
             removed.append(path)
     return removed
 
 
-def _remove_if_stale(path: str) -> bool:
+def remove_store(path: str | os.PathLike[str]) -> None:
+    """Remove the store at ``path``, whose writer is gone: its files, then the directory if
+    that left it empty.
+
+    The same trust rules as the writer's apply: ``KVStoreError`` if ``path`` is a symlink, is
+    not owned by this user, may be written by group or others, is not a wirebus store, or its
+    writer still holds the lock (the error names its pid). Nothing is removed then.
+    """
+    path = os.fspath(path)
+    owner = os.geteuid()
+    dir_fd = _open_dir(path, owner)
+    lock_fd = -1
     try:
-        with open(os.path.join(path, _CHUNK_NAME.format(0)), "rb") as f:
-            if f.read(8) != _MAGIC.to_bytes(8, "little"):
-                return False
-    except OSError:
-        return False
-    lock = os.path.join(path, _LOCK_NAME)
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        fd = -1
-    try:
-        if fd >= 0:
+        try:
+            chunk = _open_file(dir_fd, path, _CHUNK_NAME.format(0), os.O_RDONLY, owner)
+        except FileNotFoundError:
+            raise KVStoreError(
+                f"{path!r} is not a store: it has no {_CHUNK_NAME.format(0)}"
+            ) from None
+        try:
+            magic = os.pread(chunk, 8, 0)
+        finally:
+            os.close(chunk)
+        if magic != _MAGIC.to_bytes(8, "little"):
+            raise KVStoreError(f"{path!r} is not a wirebus store (magic {magic!r})")
+        with contextlib.suppress(FileNotFoundError):
+            lock_fd = _open_file(dir_fd, path, _LOCK_NAME, os.O_RDWR, owner)
+        if lock_fd >= 0:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return False
-        for entry in os.listdir(path):
+                raise KVStoreError(
+                    f"store {path!r} still has a writer{_writer_pid(dir_fd, path)}"
+                ) from None
+        for entry in os.listdir(dir_fd):
             if _STORE_FILE.fullmatch(entry):
-                _remove(os.path.join(path, entry))
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
-        return True
+                _remove(entry, dir_fd)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        os.close(dir_fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
