@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import glob
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from wirebus._endpoint import check_address
-from wirebus.errors import WirebusError
+from wirebus.errors import KVStoreError, WirebusError
 from wirebus.kvstore import KVStoreReader, SeriesSummary
 from wirebus.record import EventRecordCodec
 
@@ -199,20 +200,48 @@ def _kv_show(args: argparse.Namespace) -> int:
     except (WirebusError, OSError, ValueError) as exc:
         _fail(f"cannot open {args.path!r} as a KV store: {exc}")
     with reader:
-        if args.prometheus:
-            sys.stdout.write(reader.to_prometheus())
-            return 0
-        if args.watch is None:
-            print(_kv_table(reader))
-            return 0
+        try:
+            if args.prometheus or args.watch is None:
+                _emit(reader.to_prometheus() if args.prometheus else _kv_table(reader) + "\n")
+                return 0
 
-        async def watch() -> int:
-            while True:
-                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
-                print(_kv_table(reader), flush=True)
-                await asyncio.sleep(args.watch)  # the refresh period
+            async def watch() -> int:
+                while True:
+                    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
+                    if not _emit(clear + _kv_table(reader) + "\n"):
+                        return 0  # the reader of the pipe is gone: done, quietly
+                    await asyncio.sleep(args.watch)  # the refresh period
 
-        return _run(watch())
+            return _run(watch())
+        except KVStoreError as exc:
+            _fail(f"{args.path!r}: {exc}")
+
+
+def _emit(text: str) -> bool:
+    """Write ``text`` to stdout; False when the pipe's reader has gone (``| head``).
+
+    Then stdout is pointed at /dev/null, so the flush at exit does not fail again.
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+    return True
+
+
+def _watch_period(text: str) -> float:
+    """``--watch``: a refresh period in seconds, positive and finite."""
+    try:
+        period = float(text)
+    except ValueError:
+        period = math.nan
+    if not 0.0 < period < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return period
 
 
 def _kv_table(reader: KVStoreReader) -> str:
@@ -270,7 +299,7 @@ def _parser() -> _Parser:
     kv_commands = kv.add_subparsers(dest="kv_command", required=True, parser_class=_Parser)
     show = kv_commands.add_parser("show", help="show a store's metrics")
     show.add_argument("path", help="the store's path")
-    show.add_argument("--watch", type=float, nargs="?", const=1.0, help="refresh every N s")
+    show.add_argument("--watch", type=_watch_period, nargs="?", const=1.0, help="refresh every N s")
     show.add_argument("--prometheus", action="store_true", help="Prometheus text exposition")
     show.set_defaults(run=_kv_show)
 
