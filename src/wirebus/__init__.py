@@ -13,8 +13,11 @@ from wirebus.errors import ReadyTimeoutError as ReadyTimeoutError
 from wirebus.errors import ServiceStartupError as ServiceStartupError
 from wirebus.errors import WirebusError as WirebusError
 from wirebus.kvstore import BasicKVStore as BasicKVStore
+from wirebus.kvstore import Counter as Counter
+from wirebus.kvstore import Gauge as Gauge
 from wirebus.kvstore import KVStore as KVStore
 from wirebus.kvstore import KVStoreReader as KVStoreReader
+from wirebus.kvstore import Series as Series
 from wirebus.kvstore import SeriesSummary as SeriesSummary
 from wirebus.kvstore import SeriesView as SeriesView
 from wirebus.kvstore import cleanup_stale as cleanup_stale
