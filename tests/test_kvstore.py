@@ -856,8 +856,8 @@ def test_a_reader_refuses_another_version_and_truncated_files(shm_dir: Path) -> 
     BasicKVStore(shm_dir / "s").close()
     chunk = shm_dir / "s" / "chunk-000000"
     data = chunk.read_bytes()
-    chunk.write_bytes(data[:8] + struct.pack("<q", 2) + data[16:])
-    with pytest.raises(KVStoreError, match="format version 2"):
+    chunk.write_bytes(data[:8] + struct.pack("<q", 1) + data[16:])
+    with pytest.raises(KVStoreError, match="format version 1; this reader reads version 2"):
         KVStoreReader(shm_dir / "s")
     chunk.write_bytes(data[:4096])
     with pytest.raises(KVStoreError, match="truncated: 4096 of 1048576 bytes"):

@@ -12,13 +12,13 @@ import functools
 import math
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, islice
 from typing import NamedTuple, cast
 
 from wirebus.kvstore._layout import ZERO_NEG_BITS, ZERO_POS_BITS
 
-BATCH = 8192  # values folded at once: the writer publishes every BATCH values
+BATCH = 16384  # values folded at once: the writer publishes every BATCH values
 
 _KEY_SHIFT = 46
 _KEY_LIMIT = 1 << 18
@@ -88,7 +88,7 @@ def fold(stored: bytes) -> Batch:
         keys = (int.from_bytes(stored, "little") >> _KEY_SHIFT) & _LANES
         lanes = keys.to_bytes(len(stored), "little")
         counts = collections.Counter(memoryview(lanes).cast("q"))
-    floats = cast("list[float]", memoryview(stored).cast("d").tolist())
+    floats = cast("Sequence[float]", memoryview(stored).cast("d"))
     total = sum(floats)
     if total == total:
         if max(counts) < _KEY_SIGN:  # no negative values: keys are ordered like values
@@ -102,7 +102,7 @@ def fold(stored: bytes) -> Batch:
             _extreme(max, floats, lanes, high, counts[high]),
             counts,
         )
-    clean = [x for x in floats if x == x]
+    clean = [x for x in cast("list[float]", memoryview(stored).cast("d").tolist()) if x == x]
     zeros = counts.get(_ZERO_POS_KEY, 0) + counts.get(_ZERO_NEG_KEY, 0)
     nan = len(floats) - len(clean) - zeros
     for key in [key for key in counts if not is_bucket_key(key)]:
@@ -117,7 +117,11 @@ def fold(stored: bytes) -> Batch:
 
 
 def _extreme(
-    pick: Callable[[list[float]], float], floats: list[float], lanes: bytes, key: int, count: int
+    pick: Callable[[Iterable[float]], float],
+    floats: Sequence[float],
+    lanes: bytes,
+    key: int,
+    count: int,
 ) -> float:
     """``pick`` (min or max) of ``floats``, looking only at the values in bucket ``key`` (the
     extreme one) when it holds few of them: found by their key lanes, 8 aligned bytes each."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import accumulate
 from operator import mul
 from typing import NamedTuple
@@ -21,7 +21,7 @@ from typing import NamedTuple
 from wirebus.errors import KVStoreError
 
 MAGIC = int.from_bytes(b"WBKVSTOR", "little")
-VERSION = 1
+VERSION = 2  # 2: the histogram digest is a hash of the entries
 CHUNK_SIZE = 1 << 20
 CHUNK_NAME = "chunk-{:06d}"
 LOCK_NAME = "lock"
@@ -84,7 +84,6 @@ _MIX = (
     0x1E24_B9D7_4F61_0C3D,
 )
 _MIX_DIGEST = 0x17C3_A58E_2D9F_06B1
-_M64 = (1 << 64) - 1
 
 
 # -- offsets ----------------------------------------------------------------------------------
@@ -228,12 +227,13 @@ def read_record(words: memoryview[int], raw: memoryview, word: int) -> Record | 
 # -- series blocks ----------------------------------------------------------------------------
 
 
-def weight(key: int) -> int:
-    """The fixed pseudo-random weight (splitmix64 mod P) of histogram bucket ``key``."""
-    z = (key + 0x9E37_79B9_7F4A_7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _M64
-    return (z ^ (z >> 31)) % P
+def histogram_digest(entries: Iterable[bytes]) -> int:
+    """The digest of a series' histogram in the check word: blake2b-64 of its entries' bytes
+    (key and count words, in entry order), fed in the given pieces."""
+    digest = hashlib.blake2b(digest_size=8)
+    for piece in entries:
+        digest.update(piece)
+    return int.from_bytes(digest.digest(), "little")
 
 
 def _summary_check(words: Sequence[int], digest: int) -> int:

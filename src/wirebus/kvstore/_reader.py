@@ -13,7 +13,6 @@ import numbers
 import os
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
-from operator import mul
 from typing import NamedTuple
 
 from wirebus._resource import Resource
@@ -305,10 +304,10 @@ class SeriesView:
         entries = summary.entries
         if entries > layout.HISTOGRAM_SEGMENT_START[-1]:
             return None
-        keys: list[int] = []
-        counts: list[int] = []
+        pieces: list[bytes] = []
+        read = 0
         k = 0
-        while len(keys) < entries:
+        while read < entries:
             if k == layout.HISTOGRAM_SEGMENTS:
                 return None
             located = self._segment_at(
@@ -321,14 +320,14 @@ class SeriesView:
             if located is None:
                 return None
             mapping, first = located
-            take = min(layout.histogram_segment_capacity(k), entries - len(keys))
-            pairs = mapping.words[first : first + 2 * take].tolist()
-            keys += pairs[0::2]
-            counts += pairs[1::2]
+            take = min(layout.histogram_segment_capacity(k), entries - read)
+            pieces.append(bytes(mapping.raw[first * 8 : (first + 2 * take) * 8]))
+            read += take
             k += 1
-        digest = sum(map(mul, counts, map(layout.weight, keys))) % layout.P
-        if not layout.summary_is_valid(copied, digest):
+        if not layout.summary_is_valid(copied, layout.histogram_digest(pieces)):
             return None
+        pairs = memoryview(b"".join(pieces)).cast("q").tolist()
+        keys, counts = pairs[0::2], pairs[1::2]
         if not all(map(is_bucket_key, keys)) or min(counts, default=0) < 0:
             raise KVStoreError(
                 f"corrupt store {self._chunks.path!r}: series {self._name!r} has a histogram "

@@ -8,8 +8,10 @@ import math
 import os
 import tempfile
 import weakref
-from bisect import bisect_right
-from collections.abc import Iterable, Mapping
+from array import array
+from collections.abc import Collection, Iterable, Mapping
+from itertools import repeat
+from operator import add
 from types import TracebackType
 from typing import cast
 
@@ -154,11 +156,11 @@ class _ShmSeries(Series):
         "_before",
         "_block",
         "_chunks",
-        "_digest",
         "_entries",
-        "_entry_slots",
+        "_entry_keys",
         "_floats",
         "_hi",
+        "_histogram",
         "_histogram_segments",
         "_lo",
         "_mark",
@@ -190,10 +192,10 @@ class _ShmSeries(Series):
         self._sum = 0.0
         self._lo = math.inf
         self._hi = -math.inf
-        self._digest = 0
         self._entries = 0
         self._histogram_segments: list[tuple[memoryview[int], int]] = []
-        self._entry_slots: dict[int, tuple[memoryview[int], int, int]] = {}
+        self._histogram = array("q")  # every entry's key and count, as the segments hold them
+        self._entry_keys: dict[int, None] = {}  # the entries' bucket keys, in entry order
 
     def append(self, value: float) -> None:
         pos = self._pos
@@ -228,17 +230,13 @@ class _ShmSeries(Series):
         if start == end:
             return
         batch = fold(bytes(self._raw[start * 8 : end * 8]))
-        slots = self._entry_slots
-        new_keys = [key for key in batch.counts if key not in slots]
-        self._reserve_entries(len(new_keys))
-        for key in new_keys:
-            slots[key] = self._new_entry(key)
-        digest = self._digest
-        for key, count in batch.counts.items():
-            view, word, weight = slots[key]
-            view[word] += count
-            digest += count * weight
-        self._digest = digest % layout.P
+        counts, histogram = batch.counts, self._histogram
+        if not self._entry_keys.keys() >= counts.keys():
+            self._add_entries(counts.keys() - self._entry_keys.keys())
+        more = map(counts.get, self._entry_keys, repeat(0))
+        histogram[1::2] = array("q", map(add, histogram[1::2], more))
+        self._write_histogram()
+        digest = layout.histogram_digest([histogram.tobytes()])
         self._nan += batch.nan
         self._sum += batch.sum
         self._lo = min(self._lo, batch.min)
@@ -246,7 +244,7 @@ class _ShmSeries(Series):
         count = self._before + end - self._segment_start
         summary = layout.Summary(count, self._nan, self._sum, self._lo, self._hi, self._entries, 0)
         chunk = self._series_chunk
-        layout.write_summary(chunk.words, chunk.floats, self._block, summary, self._digest)
+        layout.write_summary(chunk.words, chunk.floats, self._block, summary, digest)
         self._published = end
 
     def _make_room(self) -> int:
@@ -271,25 +269,29 @@ class _ShmSeries(Series):
         self._segment_start = self._pos = self._published = word
         self._segment_end = word + capacity
 
-    def _reserve_entries(self, more: int) -> None:
+    def _add_entries(self, keys: Collection[int]) -> None:
+        """Add histogram entries (count 0) for buckets ``keys``, allocating segments first."""
         segments = self._histogram_segments
-        while layout.HISTOGRAM_SEGMENT_START[len(segments)] < self._entries + more:
+        while layout.HISTOGRAM_SEGMENT_START[len(segments)] < self._entries + len(keys):
             k = len(segments)
             nbytes = layout.histogram_segment_capacity(k) * layout.ENTRY_BYTES
             mapping, word, offset = self._chunks.allocate(nbytes)
             layout.set_histogram_segment(self._series_chunk.words, self._block, k, offset)
             segments.append((mapping.words, word))
+        for key in keys:
+            self._histogram.extend((key, 0))
+            self._entry_keys[key] = None
+        self._entries += len(keys)
 
-    def _new_entry(self, key: int) -> tuple[memoryview[int], int, int]:
-        """Write histogram entry number ``self._entries`` for bucket ``key``: where its count
-        word is, and the bucket's weight in the check."""
-        j = self._entries
-        k = bisect_right(layout.HISTOGRAM_SEGMENT_START, j) - 1
-        view, first = self._histogram_segments[k]
-        word = first + 2 * (j - layout.HISTOGRAM_SEGMENT_START[k])
-        view[word] = key
-        self._entries = j + 1
-        return view, word + 1, layout.weight(key)
+    def _write_histogram(self) -> None:
+        """Copy every entry into the shared segments. A copy need not be word by word: the
+        check word makes readers retry until entries and summary agree."""
+        starts = layout.HISTOGRAM_SEGMENT_START
+        for k, (view, first) in enumerate(self._histogram_segments):
+            lo, hi = 2 * starts[k], 2 * min(starts[k + 1], self._entries)
+            if lo >= hi:
+                break
+            view[first : first + hi - lo] = self._histogram[lo:hi]
 
 
 _Handle = _ShmCounter | _ShmGauge | _ShmSeries
