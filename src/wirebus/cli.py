@@ -1,4 +1,4 @@
-"""The ``wirebus`` command: ``demo``, ``tail``, ``kv show`` and ``bench``.
+"""The ``wirebus`` command: ``demo``, ``tail``, ``kv show``, ``kv serve`` and ``bench``.
 
 Bad input gets one line on stderr and a non-zero exit, never a traceback.
 """
@@ -23,7 +23,7 @@ import msgspec
 
 from wirebus._endpoint import check_address
 from wirebus.errors import KVStoreError, WirebusError
-from wirebus.kvstore import KVStoreReader, SeriesSummary
+from wirebus.kvstore import KVStoreReader, MetricsServer, SeriesSummary
 from wirebus.record import EventRecordCodec
 
 __all__ = ["main"]
@@ -244,6 +244,28 @@ def _watch_period(text: str) -> float:
     return period
 
 
+def _kv_serve(args: argparse.Namespace) -> int:
+    try:
+        server = MetricsServer(args.path, host=args.host, port=args.port, prefix=args.prefix)
+    except (WirebusError, OSError, ValueError) as exc:
+        _fail(f"cannot serve {args.path!r}: {exc}")
+
+    async def serve() -> int:
+        await asyncio.Event().wait()  # until SIGINT, SIGTERM or SIGHUP
+        return 0
+
+    with server:
+        print(f"serving {args.path} on {server.url}", flush=True)
+        return _run(serve())
+
+
+def _port(text: str) -> int:
+    """``--port``: a TCP port number, 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text}")
+    return int(text)
+
+
 def _kv_table(reader: KVStoreReader) -> str:
     header = ("name", "value / count", "mean", "p50", "p90", "p99", "max")
     rows = [f"{header[0]:<28}{header[1]:>14}" + "".join(f"{h:>11}" for h in header[2:])]
@@ -302,6 +324,12 @@ def _parser() -> _Parser:
     show.add_argument("--watch", type=_watch_period, nargs="?", const=1.0, help="refresh every N s")
     show.add_argument("--prometheus", action="store_true", help="Prometheus text exposition")
     show.set_defaults(run=_kv_show)
+    serve = kv_commands.add_parser("serve", help="serve a store's metrics to Prometheus (HTTP)")
+    serve.add_argument("path", help="the store's path")
+    serve.add_argument("--port", type=_port, default=9464, help="TCP port (default 9464; 0: any)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    serve.add_argument("--prefix", default="", help="put before every metric name")
+    serve.set_defaults(run=_kv_serve)
 
     bench = commands.add_parser("bench", help="run the benchmarks (what make bench runs)")
     bench.add_argument("--dir", default="benchmarks", help="the benchmarks directory")

@@ -382,6 +382,17 @@ class _KeyInfo(NamedTuple):
     word: int
 
 
+def _key(name: str, labels: Mapping[str, str] | None) -> str:
+    """The key a reader looks up: canonical when ``name`` is in the labelled form, else
+    ``name`` as it is (a key as :meth:`KVStoreReader.keys` lists it)."""
+    if labels is None:
+        try:
+            return _names.key(name)
+        except ValueError:
+            return name
+    return _names.key(name, labels)
+
+
 class KVStoreReader(Resource):
     """A read-only view of a store written by a :class:`BasicKVStore`, in any process.
 
@@ -416,11 +427,11 @@ class KVStoreReader(Resource):
 
     def kind(self, name: str, *, labels: Mapping[str, str] | None = None) -> str:
         """``"counter"``, ``"gauge"`` or ``"series"``; ``KeyError`` if there is no such key."""
-        return layout.KIND_NAMES[self._info(_names.key(name, labels)).kind]
+        return layout.KIND_NAMES[self._info(_key(name, labels)).kind]
 
     def get(self, name: str, *, labels: Mapping[str, str] | None = None) -> float:
         """The value of counter or gauge ``name``; ``KeyError`` if there is none."""
-        key = _names.key(name, labels)
+        key = _key(name, labels)
         info = self._info(key)
         if info.kind == layout.SERIES:
             raise TypeError(f"key {key!r} is a series: read it with series({key!r})")
@@ -428,7 +439,7 @@ class KVStoreReader(Resource):
 
     def series(self, name: str, *, labels: Mapping[str, str] | None = None) -> SeriesView:
         """A live view of series ``name``; ``KeyError`` if there is none."""
-        key = _names.key(name, labels)
+        key = _key(name, labels)
         view = self._views.get(key)
         if view is not None:
             self._chunks.check_open()
