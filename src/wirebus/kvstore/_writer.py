@@ -147,9 +147,10 @@ class _ShmGauge(_ShmValue, Gauge):
 class _ShmSeries(Series):
     """The writer's side of a series.
 
-    Values go to the current segment with one store each. Every ``BATCH`` values, and whenever a
-    segment fills, the batch is folded into the shared summary and histogram, which are then
-    committed with a check word (see docs/kvstore.md).
+    Values go to the current segment with one store each, through a *window*: views of the
+    next ``BATCH`` words (fewer at the segment's end), so the store that falls off its end
+    (``IndexError``) is the signal to publish. Then the batch is folded into the shared summary
+    and histogram, which are committed with a check word (see docs/kvstore.md).
     """
 
     __slots__ = (
@@ -158,23 +159,23 @@ class _ShmSeries(Series):
         "_chunks",
         "_entries",
         "_entry_keys",
-        "_floats",
         "_hi",
         "_histogram",
         "_histogram_segments",
+        "_i",
         "_lo",
-        "_mark",
         "_name",
         "_nan",
-        "_pos",
         "_published",
-        "_raw",
         "_segment",
+        "_segment_chunk",
         "_segment_end",
         "_segment_start",
         "_series_chunk",
         "_sum",
-        "_words",
+        "_window",
+        "_window_start",
+        "_window_words",
     )
 
     def __init__(self, chunks: _Chunks, name: str, series_chunk: MappedChunk, block: int) -> None:
@@ -182,12 +183,13 @@ class _ShmSeries(Series):
         self._name = name
         self._series_chunk = series_chunk  # the chunk holding the series block
         self._block = block  # the block's word index in it
-        self._floats = series_chunk.floats  # the current value segment's chunk, as floats
-        self._words = series_chunk.words  # ... as int64 words
-        self._raw = series_chunk.raw  # ... as bytes
+        self._segment_chunk = series_chunk  # the chunk of the current value segment
         self._segment = -1
         self._before = 0  # values in the segments before the current one
-        self._pos = self._mark = self._published = self._segment_start = self._segment_end = 0
+        self._published = self._segment_start = self._segment_end = 0  # word indexes
+        self._window_start = self._i = 0  # word index of the window, index in it
+        self._window = series_chunk.floats[0:0]
+        self._window_words = series_chunk.words[0:0]
         self._nan = 0
         self._sum = 0.0
         self._lo = math.inf
@@ -198,19 +200,21 @@ class _ShmSeries(Series):
         self._entry_keys: dict[int, None] = {}  # the entries' bucket keys, in entry order
 
     def append(self, value: float) -> None:
-        pos = self._pos
-        if pos == self._mark:
-            pos = self._make_room()
+        i = self._i
         try:
             if value:
-                self._floats[pos] = value
+                self._window[i] = value
             else:
-                self._words[pos] = (
+                self._window_words[i] = (
                     layout.ZERO_POS_BITS if math.copysign(1.0, value) > 0 else layout.ZERO_NEG_BITS
                 )
+        except IndexError:  # the window is full
+            self._next_window()
+            self.append(value)
+            return
         except (TypeError, ValueError, OverflowError) as exc:
             raise self._chunks.bad_value("series", self._name, value, exc) from None
-        self._pos = pos + 1
+        self._i = i + 1
 
     def extend(self, values: Iterable[float]) -> None:
         append = self.append
@@ -218,7 +222,7 @@ class _ShmSeries(Series):
             append(value)
 
     def __len__(self) -> int:
-        return self._before + self._pos - self._segment_start
+        return self._before + self._window_start + self._i - self._segment_start
 
     def __repr__(self) -> str:
         return f"<series {self._name!r} ({len(self)} values) of store {self._chunks.path!r}>"
@@ -226,10 +230,10 @@ class _ShmSeries(Series):
     def publish(self) -> None:
         """Fold the values appended since the last publication into the shared summary and
         histogram, and commit them with the check word."""
-        start, end = self._published, self._pos
+        start, end = self._published, self._window_start + self._i
         if start == end:
             return
-        batch = fold(bytes(self._raw[start * 8 : end * 8]))
+        batch = fold(bytes(self._segment_chunk.raw[start * 8 : end * 8]))
         counts, histogram = batch.counts, self._histogram
         if not self._entry_keys.keys() >= counts.keys():
             self._add_entries(counts.keys() - self._entry_keys.keys())
@@ -247,13 +251,25 @@ class _ShmSeries(Series):
         layout.write_summary(chunk.words, chunk.floats, self._block, summary, digest)
         self._published = end
 
-    def _make_room(self) -> int:
+    def release(self) -> None:
+        """Drop the window's views (before the store unmaps its chunks); appends then raise."""
+        self._window.release()
+        self._window_words.release()
+
+    def _next_window(self) -> None:
+        """Publish what the full window holds and open the next one, in a new segment when
+        the current one is full."""
         self._chunks.check_open()
         self.publish()
-        if self._pos == self._segment_end:
+        start = self._window_start + self._i
+        if start == self._segment_end:
             self._next_segment()
-        self._mark = min(self._pos + BATCH, self._segment_end)
-        return self._pos
+            start = self._segment_start
+        end = min(start + BATCH, self._segment_end)
+        self.release()
+        self._window = self._segment_chunk.floats[start:end]
+        self._window_words = self._segment_chunk.words[start:end]
+        self._window_start, self._i = start, 0
 
     def _next_segment(self) -> None:
         k = self._segment + 1
@@ -265,8 +281,8 @@ class _ShmSeries(Series):
         if k:
             self._before += layout.value_segment_capacity(k - 1)
         self._segment = k
-        self._floats, self._words, self._raw = mapping.floats, mapping.words, mapping.raw
-        self._segment_start = self._pos = self._published = word
+        self._segment_chunk = mapping
+        self._segment_start = self._published = word
         self._segment_end = word + capacity
 
     def _add_entries(self, keys: Collection[int]) -> None:
@@ -355,6 +371,7 @@ class BasicKVStore(KVStore):
         for series in self._series:
             with contextlib.suppress(KVStoreError):  # an unpublished tail stays readable
                 series.publish()
+            series.release()
         self._release()
 
     def unlink(self) -> None:
