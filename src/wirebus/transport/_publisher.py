@@ -36,9 +36,11 @@ from wirebus.transport._socket import OwnedSocket
 
 T = TypeVar("T")
 
-# A thread without an event loop sends a publish() at once when nothing was sent for this long
-# (s); sooner than that it is in a burst, which the writer and full messages batch.
-_IDLE_GAP = 50e-6
+# A thread without an event loop is in a burst when it publishes within this many seconds of
+# its last send: the writer batches what follows, unless it is slower than this to come.
+_BURST_GAP = 50e-6
+# How long the writer leaves the tail of a loop-less burst to the publishing thread (s).
+_WRITER_DELAY = 0.001
 _EXIT_CLOSE_TIMEOUT = 2.0
 
 
@@ -56,6 +58,17 @@ class _State(enum.Enum):
 
 
 _OPEN = _State.OPEN
+
+
+class _Due(enum.Enum):
+    """Who is due to send what ``publish()`` queued (beyond a full message, sent at once)."""
+
+    NOBODY = "nobody"
+    LOOP = "the publishing event loop, from a call_soon callback"
+    WRITER = "the writer thread, woken for a thread without an event loop"
+
+
+_LOOP = _Due.LOOP
 
 
 @dataclass(frozen=True)
@@ -142,8 +155,9 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self.publisher_id = int.from_bytes(os.urandom(8), "little")
         self._queue: collections.deque[Entry] = collections.deque()
         self._published = 0
-        self._scheduled = False  # a loop callback or the writer is due to send the queue
-        self._last_send = 0.0
+        self._due = _Due.NOBODY
+        self._deferred_at = 0.0  # when the writer was last woken for a loop-less burst
+        self._last_inline = 0.0  # when a loop-less publish() last sent at once
         self._state = _OPEN
         self._failure: Exception | None = None
         self._state_lock = threading.Lock()
@@ -223,7 +237,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._published += 1
         if len(queue) >= _wire.MAX_ITEMS:
             self._send_now()  # a full message's worth: no need to wait
-        elif not self._scheduled:
+        elif self._due is not _LOOP:
             self._schedule()
 
     def publish_many(self, items: Iterable[T]) -> None:
@@ -246,7 +260,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._published += len(entries)
         if len(queue) >= _wire.MAX_ITEMS:
             self._send_now()
-        elif not self._scheduled:
+        elif self._due is not _LOOP:
             self._schedule()
 
     def _encode_now(self, item: T) -> Entry:
@@ -286,33 +300,46 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         )
 
     def _schedule(self) -> None:
-        """Have the queue sent soon: by the caller's event loop if it has one, else the writer."""
-        self._scheduled = True
+        """Have the queue sent soon: by the caller's event loop if it has one; else at once
+        after a pause, or by the writer during a burst (or by this thread, should the writer
+        be slower than ``_BURST_GAP`` to come, as when this thread holds the GIL)."""
+        if self._due is _Due.WRITER:
+            now = time.perf_counter()
+            if now - self._deferred_at > _BURST_GAP:
+                self._deferred_at = now
+                self._send_now()
+            return
         loop = asyncio._get_running_loop()
         if loop is not None:
+            self._due = _LOOP
             loop.call_soon(self._send_scheduled)
             if len(self._queue) == 1:  # idle: send this one now, batch the rest of this turn
                 self._send_now()
             if not self._writer.ticking:  # it sends what a blocked or closed loop leaves
                 self._writer.start_ticking()
-        elif len(self._queue) == 1 and time.perf_counter() - self._last_send > _IDLE_GAP:
-            self._scheduled = False
+            return
+        now = time.perf_counter()
+        if len(self._queue) == 1 and now - self._last_inline > _BURST_GAP:
+            self._last_inline = now
             self._send_now()
-        else:
-            self._writer.want()
+        else:  # a burst: batched by this thread's next publish() or, failing that, the writer
+            self._due = _Due.WRITER
+            self._deferred_at = now
+            self._writer.want(after=_WRITER_DELAY)
 
     def _forget_schedule(self) -> None:
-        self._scheduled = False
+        self._due = _Due.NOBODY
 
     def _send_scheduled(self) -> None:
-        self._scheduled = False
+        self._due = _Due.NOBODY
         self._send_now()
 
     def _send_from_writer(self) -> None:
-        self._scheduled = False  # a loop's callback may never run: the next publish schedules
-        with self._send_lock:
-            self._send_locked()
-        self._send_now()
+        self._due = _Due.NOBODY  # a loop's callback may never run: the next publish schedules
+        if self._queue or self._flush_waiters:
+            with self._send_lock:
+                self._send_locked()
+            self._send_now()
 
     def _send_now(self) -> None:
         """Send the queue from this thread unless another holds the send lock; that one looks
@@ -333,7 +360,6 @@ class ZmqMessagePublisher(MessagePublisher[T]):
                 self._step.send(queue)
             except Exception as exc:
                 self._fail(exc)
-        self._last_send = time.perf_counter()
         if self._flush_waiters:
             self._settle_flushes()
 

@@ -13,10 +13,12 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import operator
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -210,14 +212,16 @@ def _fit(payloads: list[bytes], start: int, max_bytes: int) -> int:
 class Writer:
     """The publisher's writer thread.
 
-    It sleeps until :meth:`want` asks it to send (items from a thread without an event loop),
-    or, while :meth:`start_ticking` has it ticking, every ``_TICK`` s to look for a stalled
-    queue: items queued and nothing sent for a whole tick, as when the loop that was to send
-    them is blocked or closed. It takes the send lock only then, never on a tick that finds the
-    publishing thread at work, so a busy publishing thread is never made to wait for it. It
-    stops ticking after a tick with nothing queued and nothing sent, and then calls ``idle``:
-    a loop that scheduled a send and blocked before it ran must not keep the publisher from
-    scheduling anew.
+    It sleeps until :meth:`want` asks it to send: at once (a flush), or ``after`` a delay (the
+    tail of a burst from a thread without an event loop, which that thread sends itself if it
+    publishes again first). While :meth:`start_ticking` has it ticking, it also wakes every
+    ``_TICK`` s to look for a stalled queue: items queued and nothing sent for a whole tick, as
+    when the loop that was to send them is blocked or closed. It takes the send lock only for
+    a queue nobody else sends, never on a tick that finds the publishing thread at work: a
+    thread that holds the GIL while it busy-waits would otherwise find the lock taken by a
+    writer waiting for that GIL. It stops ticking after a tick with nothing queued and nothing
+    sent, and then calls ``idle``: a loop that scheduled a send and blocked before it ran must
+    not keep the publisher from scheduling anew.
     """
 
     def __init__(
@@ -234,6 +238,7 @@ class Writer:
         self._progress = progress
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wanted = False
+        self._wanted_at: float | None = None  # time.monotonic() of a delayed want
         self._sleeping = False
         self._stopping = False
         self.ticking = False
@@ -241,9 +246,12 @@ class Writer:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
-    def want(self) -> None:
-        """Have the writer send the queue soon."""
-        self._wanted = True
+    def want(self, after: float = 0.0) -> None:
+        """Have the writer send the queue, at once or ``after`` seconds from now."""
+        if after <= 0:
+            self._wanted = True
+        elif self._wanted_at is None:
+            self._wanted_at = time.monotonic() + after
         self._wake()
 
     def start_ticking(self) -> None:
@@ -268,25 +276,43 @@ class Writer:
             with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
                 os.write(self._wake_w, b"\0")
 
+    def _sleep(self, poller: select.poll, next_tick: float) -> None:
+        """Sleep until woken, the next tick (if ticking) or a delayed want is due."""
+        self._sleeping = True
+        if not self._wanted:
+            wake_at = next_tick if self.ticking else math.inf
+            if self._wanted_at is not None:
+                wake_at = min(wake_at, self._wanted_at)
+            timeout = None
+            if wake_at != math.inf:
+                timeout = max(0, math.ceil((wake_at - time.monotonic()) * 1000))
+            poller.poll(timeout)
+            _drain(self._wake_r)
+        self._sleeping = False
+
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         progress_at_tick = -1
+        next_tick = time.monotonic() + _TICK
         while True:
-            self._sleeping = True
-            woken = True
-            if not self._wanted:
-                woken = bool(poller.poll(int(_TICK * 1000) if self.ticking else None))
-                _drain(self._wake_r)
-            self._sleeping = False
+            self._sleep(poller, next_tick)
             if self._stopping:
                 return
-            wanted = self._wanted
-            if wanted:  # cleared only once seen: what was queued before it is sent below
+            now = time.monotonic()
+            send = self._wanted
+            if send:  # cleared only once seen: what was queued before it is sent below
                 self._wanted = False
-            ticked = not woken
-            moved = self._progress() != progress_at_tick
-            if wanted or (ticked and not moved and self._queue):
+            wanted_at = self._wanted_at
+            if wanted_at is not None and now >= wanted_at:
+                self._wanted_at = None
+                send = True
+            ticked = self.ticking and now >= next_tick
+            if ticked:
+                next_tick = now + _TICK
+                moved = self._progress() != progress_at_tick
+                send = send or (not moved and bool(self._queue))
+            if send:
                 try:
                     self._send()
                 except Exception as exc:  # the sender logs its own; this is a bug's last net
@@ -298,6 +324,8 @@ class Writer:
                     self._idle()
                     if self._queue:  # queued meanwhile, and its sender may have seen True
                         self.ticking = True
+            elif not self.ticking:
+                next_tick = now + _TICK
 
 
 def _drain(fd: int) -> None:

@@ -170,6 +170,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             self._start_consumer()
 
     def _on_monitor(self) -> None:
+        if self._closed:
+            return  # scheduled by start(), but closed before it ran
         self._watch.read()
         if self._watch.due is not None and self._loop is not None:
             self._loop.call_at(
