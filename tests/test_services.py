@@ -82,6 +82,7 @@ def test_aggregator_metrics_match_hand_computed_values(tmp_path: Path) -> None:
             series = {name: list(reader.series(name).values()) for name in SERIES}
     assert got == {
         "events": len(SCRIPT),
+        "events_rejected": 0,
         "samples_issued": 5,
         "samples_completed": 4,
         "samples_failed": 1,
@@ -102,6 +103,31 @@ def test_aggregator_metrics_match_hand_computed_values(tmp_path: Path) -> None:
     assert series["latency_ms"] == pytest.approx([100, 80])
     assert series["tpot_ms"] == pytest.approx([70 / 8, 40 / 4])
     assert series["chunk_gap_ms"] == pytest.approx([15, 15])
+
+
+def test_aggregator_rejects_a_bad_record_alone_and_counts_it(tmp_path: Path) -> None:
+    with BasicKVStore(tmp_path / "store") as store:
+        aggregator = MetricsAggregator(store)
+        aggregator.handle(
+            [
+                _r(SessionEventType.START_PERFORMANCE_TRACKING, 0),
+                _r(SampleEventType.ISSUED, 1, "a"),
+                _r(SampleEventType.ISSUED, 2, "b"),
+                _r(SampleEventType.ISSUED, 3, "c"),
+                _r(SampleEventType.COMPLETE, 10, "a", _out(4)),
+                _r(SampleEventType.COMPLETE, 11, "b", _out(-5)),
+                _r(SampleEventType.COMPLETE, 12, "c", _out(2)),
+            ]
+        )
+        with KVStoreReader(store.path) as reader:
+            got = {name: reader.get(name) for name in (*COUNTERS, *GAUGES)}
+            latencies = list(reader.series("latency_ms").values())
+    assert got["events"] == 7
+    assert got["events_rejected"] == 1
+    assert got["samples_completed"] == 2
+    assert got["perf_output_tokens"] == 6
+    assert got["in_flight"] == 1  # b: its only completion was rejected
+    assert latencies == pytest.approx([9, 9])
 
 
 def test_aggregator_in_flight_and_snapshot(tmp_path: Path) -> None:
