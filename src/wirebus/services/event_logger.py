@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from wirebus.launcher import ServiceContext, run_service
 from wirebus.record import EventRecord, EventRecordCodec, SessionEventType
+from wirebus.service import ServiceContext, run_service
 from wirebus.services._base import HandlerSubscriber, drain
 
 __all__ = ["JsonLinesWriter", "log_files"]

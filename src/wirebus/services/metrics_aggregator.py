@@ -39,7 +39,7 @@ from wirebus.record import (
     SessionEventType,
     TextModelOutput,
 )
-from wirebus.launcher import ServiceContext, run_service
+from wirebus.service import ServiceContext, run_service
 from wirebus.services._base import HandlerSubscriber, drain
 from wirebus.transport import ZmqMessagePublisher
 
