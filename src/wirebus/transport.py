@@ -310,7 +310,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             self._context = zmq.Context(io_threads=1)
         else:
             self._context = zmq.Context.instance()
-        self._authenticator: security.Authenticator | None = None
+        self._authenticator: security._Authenticator | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._socket: zmq.Socket[bytes] = self._context.socket(zmq.XPUB)
         try:
@@ -321,9 +321,9 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             sock.setsockopt(zmq.XPUB_VERBOSER, 1)
             sock.setsockopt(zmq.LINGER, linger)
             _set_heartbeat(sock, heartbeat, connecting=not bind)
-            security.configure(sock, curve)
+            security._configure(sock, curve)
             if isinstance(curve, CurveServer) and curve.allowed_clients is not None:
-                self._authenticator = security.Authenticator(
+                self._authenticator = security._Authenticator(
                     self._context, curve, f"publisher for {address}"
                 )
             if bind:
@@ -520,7 +520,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     def _release(self) -> None:
         self._socket.close(linger=0)
         if self._authenticator is not None:
-            self._authenticator.stop()
+            self._authenticator.close()
         if self._owns_context:
             self._context.term()
         os.close(self._wake_r)
@@ -672,7 +672,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         if self._authenticator is not None:
             # Handshakes still under way fail from here on (ZAP_ENFORCE_DOMAIN), delivery
             # over connections already authenticated goes on while term() waits for it.
-            self._authenticator.stop()
+            self._authenticator.close()
         if self._owns_context:
             self._context.term()  # returns once pending messages are delivered or linger ends
         return True
@@ -758,8 +758,8 @@ def _check_security(
 ) -> None:
     if not isinstance(heartbeat, int) or heartbeat < 0:
         raise ValueError(f"heartbeat must be an int >= 0 ms (0: off), got {heartbeat!r}")
-    security.check_curve(curve, address)
-    if context is not None and security.needs_authenticator(curve):
+    security._check_curve(curve, address)
+    if context is not None and security._needs_authenticator(curve):
         raise ValueError(
             "a CurveServer with allowed_clients runs a ZAP authenticator in a ZMQ context of "
             "its own: do not pass context"
@@ -841,9 +841,9 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self._task: asyncio.Task[None] | None = None  # the consumer, once it had to wait
         self._consuming = False
         self._reading = False
-        self._authenticator: security.Authenticator | None = None
+        self._authenticator: security._Authenticator | None = None
         self._own_context: zmq.Context[Any] | None = None
-        if security.needs_authenticator(curve):
+        if security._needs_authenticator(curve):
             self._own_context = zmq.Context(io_threads=1)
         ctx: zmq.Context[Any] = context or self._own_context or zmq.Context.instance()
         self._socket: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
@@ -853,9 +853,9 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             sock.setsockopt(zmq.RCVHWM, rcvhwm)
             sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
             _set_heartbeat(sock, heartbeat, connecting=connect)
-            security.configure(sock, curve)
+            security._configure(sock, curve)
             if isinstance(curve, CurveServer) and curve.allowed_clients is not None:
-                self._authenticator = security.Authenticator(
+                self._authenticator = security._Authenticator(
                     ctx, curve, f"subscriber for {address}"
                 )
             if conflate:
@@ -1068,7 +1068,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     def _release_socket(self) -> None:
         self._socket.close(linger=0)
         if self._authenticator is not None:
-            self._authenticator.stop()
+            self._authenticator.close()
         if self._own_context is not None:
             self._own_context.term()
 
