@@ -20,7 +20,8 @@ import msgspec
 
 from wirebus.record import EventRecord, EventRecordCodec, SessionEventType
 from wirebus.service import ServiceContext, run_service
-from wirebus.services._base import HandlerSubscriber, drain
+from wirebus.services import drain
+from wirebus.services._base import HandlerSubscriber
 
 __all__ = ["JsonLinesWriter", "log_files"]
 

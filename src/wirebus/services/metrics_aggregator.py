@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from wirebus._aio import positive_timeout
 from wirebus._endpoint import new_ipc_address, remove_ipc_dir
 from wirebus.codec import MsgspecCodec
 from wirebus.kvstore import BasicKVStore, KVStore, KVStoreReader, SeriesSummary
@@ -40,7 +41,8 @@ from wirebus.record import (
     TextModelOutput,
 )
 from wirebus.service import ServiceContext, run_service
-from wirebus.services._base import HandlerSubscriber, drain
+from wirebus.services import drain
+from wirebus.services._base import HandlerSubscriber
 from wirebus.transport import ZmqMessagePublisher
 
 __all__ = [
@@ -252,15 +254,22 @@ class MetricsSnapshotCodec(MsgspecCodec[MetricsSnapshot]):
 
 
 async def wait_for_events(reader: KVStoreReader, count: int, timeout: float = 10.0) -> int:
-    """Return the aggregator's ``events`` count once it reaches ``count`` or ``timeout`` ends.
+    """Return the aggregator's ``events`` count once it reaches ``count``.
 
     A harness calls this after flushing its publisher, before it reads final metrics: the
-    store then holds every event it published (compare the result with ``count``).
+    store then holds every event it published. ``TimeoutError``, saying how many were counted,
+    when ``timeout`` seconds pass first.
     """
+    positive_timeout("timeout", timeout)
     deadline = time.monotonic() + timeout
     counted = int(reader.get("events"))
-    while counted < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    while counted < count:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"the store at {reader.path!r} counted {counted} of {count} events "
+                f"within {timeout} s"
+            )
+        await asyncio.sleep(0.01)  # polling the store: a writer in another process, no event
         counted = int(reader.get("events"))
     return counted
 
