@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from wirebus.security import save_curve_keypair as save_curve_keypair
     from wirebus.service import ServiceContext as ServiceContext
     from wirebus.service import run_service as run_service
+    from wirebus.services.event_publisher import EventPublisherService as EventPublisherService
     from wirebus.transport import MessagePublisher as MessagePublisher
     from wirebus.transport import MessageSubscriber as MessageSubscriber
     from wirebus.transport import PublisherStats as PublisherStats
@@ -61,6 +62,7 @@ __all__ = [
     "CurveServer",
     "ErrorData",
     "ErrorEventType",
+    "EventPublisherService",
     "EventRecord",
     "EventRecordCodec",
     "KVStore",
@@ -105,6 +107,7 @@ _SOURCES = {
     "CurveServer": "wirebus.security",
     "ErrorData": "wirebus.record",
     "ErrorEventType": "wirebus.record",
+    "EventPublisherService": "wirebus.services.event_publisher",
     "EventRecord": "wirebus.record",
     "EventRecordCodec": "wirebus.record",
     "KVStore": "wirebus.kvstore",
@@ -157,4 +160,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted([*__all__, *(name for name in globals() if name.startswith("__"))])
