@@ -609,3 +609,29 @@ async def test_service_context_outside_a_launcher() -> None:
     asyncio.get_running_loop().call_soon(context.request_stop)
     await asyncio.wait_for(context.stopped(), 5)
     assert context.stop_requested
+
+
+def test_a_launcher_closes_the_resource_way_from_sync_code_too(service: Service) -> None:
+    async def start(launcher: ServiceLauncher) -> dict[str, int]:
+        await launcher.start([service("a"), service("t", "ignore-term")])
+        return launcher.pids
+
+    with ServiceLauncher(stop_timeout=1) as launcher:
+        pids = asyncio.run(start(launcher))
+        assert "open" in repr(launcher)
+    assert "closed" in repr(launcher)
+    assert _still_running(pids.values(), 0) == set()
+    assert asyncio.run(launcher.stop()) == {"a": 0, "t": -signal.SIGKILL}
+    launcher.close()
+
+
+async def test_close_while_starting_says_to_await_stop(service: Service) -> None:
+    launcher = ServiceLauncher(ready_timeout=30)
+    starting = asyncio.ensure_future(launcher.start([service("n", "never")]))
+    await _poll(_log_has(launcher, "n", "waiting"), 20)
+    with pytest.raises(RuntimeError, match="await stop"):
+        launcher.close()
+    await launcher.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert await launcher.stop() == {"n": 0}

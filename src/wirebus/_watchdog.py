@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import signal
 import sys
 import time
@@ -137,6 +136,8 @@ def end(sweep: Sweep, grace: float) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+    import shutil  # only the watchdog needs it, not every service that imports this module
+
     grace, marker, pids, *directories = argv
     while os.read(0, 512):
         pass

@@ -14,17 +14,14 @@ Waiting never blocks the event loop: the receiver watches its socket's ``zmq.FD`
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
-import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import zmq
@@ -33,6 +30,9 @@ from wirebus._aio import positive_timeout, resolve
 from wirebus._endpoint import bind, check_address, connect, new_ipc_address, remove_ipc_dir
 from wirebus._resource import Resource
 from wirebus.errors import ReadyTimeoutError
+
+if TYPE_CHECKING:  # a service that only reports ready never loads asyncio on our account
+    import asyncio
 
 __all__ = [
     "READY_ADDRESS_ENV",
@@ -51,7 +51,13 @@ SERVICE_NAME_ENV = "WIREBUS_SERVICE_NAME"
 READY_TOKEN_ENV = "WIREBUS_READY_TOKEN"
 """Environment variable holding the per-launch token a launched service's signal must carry."""
 
-_log = logging.getLogger("wirebus.ready")
+
+def _warn(message: str, *args: object) -> None:
+    """Log on the ``wirebus.ready`` logger (logging is imported when first needed: a service
+    that only reports ready never loads it on our account)."""
+    import logging
+
+    logging.getLogger("wirebus.ready").warning(message, *args)
 
 
 class ReadySignal(msgspec.Struct):
@@ -90,7 +96,7 @@ def _accept_signal(
 ) -> None:
     """Record ``signal`` in ``ready`` unless its identity is not one of ``names`` (logged)."""
     if names is not None and signal.identity not in names:
-        _log.warning(
+        _warn(
             "ignoring ready signal from unknown identity %r (pid %d) on %s; expecting %s",
             signal.identity,
             signal.pid,
@@ -178,6 +184,8 @@ class ReadyCheckReceiver(Resource):
         ``TimeoutError`` naming the address when none arrives within ``timeout`` seconds;
         ``RuntimeError`` when the receiver is (or gets) closed or another call is waiting.
         """
+        import asyncio
+
         positive_timeout("timeout", timeout)
         if self._waiter is not None:
             raise RuntimeError(f"another receive() is already waiting on {self.address!r}")
@@ -199,6 +207,8 @@ class ReadyCheckReceiver(Resource):
         are then logged and ignored). ``ReadyTimeoutError`` names who is still missing when
         ``timeout`` seconds pass first.
         """
+        import asyncio
+
         names, count = _expected_names(expected)
         positive_timeout("timeout", timeout)
         loop = asyncio.get_running_loop()
@@ -262,7 +272,7 @@ class ReadyCheckReceiver(Resource):
         try:
             signal = _DECODER.decode(frame)
         except Exception as exc:  # any bytes: msgspec errors, RecursionError, MemoryError...
-            _log.warning(
+            _warn(
                 "ignoring a malformed message of %d bytes on %s: %s: %.200s",
                 len(frame),
                 self.address,
@@ -274,7 +284,7 @@ class ReadyCheckReceiver(Resource):
         if isinstance(expected, dict):
             expected = expected.get(signal.identity)
             if expected is None:
-                _log.warning(
+                _warn(
                     "ignoring ready signal from unknown identity %r (pid %d) on %s",
                     signal.identity,
                     signal.pid,
@@ -282,7 +292,7 @@ class ReadyCheckReceiver(Resource):
                 )
                 return None
         if expected is not None and signal.token != expected:
-            _log.warning(
+            _warn(
                 "ignoring ready signal from %r (pid %d) on %s: token %r is stale or not its own",
                 signal.identity,
                 signal.pid,
@@ -379,8 +389,7 @@ def send_ready_signal(
         context.term()
 
 
-@dataclass(frozen=True)
-class _Launch:
+class _Launch(NamedTuple):
     """What a launched process needs to report ready: where, as whom, with which token."""
 
     address: str
