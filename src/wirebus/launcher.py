@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -27,12 +26,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from wirebus import _paths, _watchdog
-from wirebus._aio import positive_timeout, resolve
+from wirebus._aio import positive_timeout
+from wirebus._children import Process, child_subreaper, collect_status, until_gone, wait_exits
 from wirebus._resource import Resource, State
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
 from wirebus.ready import (
@@ -48,11 +48,8 @@ __all__ = ["ServiceLauncher", "ServiceSpec"]
 
 _LOG_TAIL_LINES = 20
 _TIMEOUT_TAIL_LINES = 5
-_STATUS_WITHIN = 1.0
 _KILL_WAIT = 5.0
 _NAME_MAX = 255 - len(".log")
-_PR_SET_CHILD_SUBREAPER = 36
-_PR_GET_CHILD_SUBREAPER = 37
 
 _log = logging.getLogger("wirebus.launcher")
 
@@ -128,74 +125,13 @@ def _check_spawnable(spec: ServiceSpec) -> None:
         ) from FileNotFoundError(errno.ENOENT, "no such executable program", spec.argv[0])
 
 
-class _Process:
-    """A spawned child and a pidfd that becomes readable when it exits."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        self.pidfd = os.pidfd_open(popen.pid)
-
-    def exit_status(self) -> int | None:
-        """The exit code (negative: killed by that signal) without reaping, or None if running.
-
-        The process stays a zombie, so its pid (and process group id) cannot be reused while
-        its group is still being signalled.
-        """
-        if self.popen.returncode is not None:
-            return self.popen.returncode
-        try:
-            result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return self.popen.poll()
-        if result is None or result.si_pid == 0:
-            return None
-        if result.si_code == os.CLD_EXITED:
-            return result.si_status
-        return -result.si_status
-
-
-class _Service(_Process):
+class _Service(Process):
     """A spawned service: its spec, process, pidfd and log file."""
 
     def __init__(self, spec: ServiceSpec, popen: subprocess.Popen[bytes], log_path: str) -> None:
         super().__init__(popen)
         self.spec = spec
         self.log_path = log_path
-
-
-_subreaper_users = 0
-_was_subreaper = False
-
-
-@contextlib.contextmanager
-def _child_subreaper() -> Iterator[None]:
-    """Make this process a child subreaper while the block runs (Linux ``prctl``).
-
-    Processes orphaned meanwhile (a service's children when it exits) are re-parented to this
-    process instead of init, so they stay within reach and their pids are not recycled before
-    they are reaped. Nested and concurrent uses share one setting; one that was on before stays.
-    """
-    global _subreaper_users, _was_subreaper
-    if _subreaper_users == 0:
-        was = ctypes.c_int(0)
-        _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.addressof(was))
-        _was_subreaper = bool(was.value)
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    _subreaper_users += 1
-    try:
-        yield
-    finally:
-        _subreaper_users -= 1
-        if _subreaper_users == 0 and not _was_subreaper:
-            _prctl(_PR_SET_CHILD_SUBREAPER, 0)
-
-
-def _prctl(option: int, arg: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"prctl({option}, {arg}): {os.strerror(code)}")
 
 
 def _log_tail(path: str, lines: int) -> str:
@@ -248,7 +184,7 @@ class ServiceLauncher(Resource):
         self._receiver: ReadyCheckReceiver | None = None
         self._death_read: int | None = None
         self._death_write: int | None = None
-        self._watchdog: _Process | None = None
+        self._watchdog: Process | None = None
         self._marker = secrets.token_hex(8)
         self._returncodes: dict[str, int] = {}
         self._stopped = asyncio.Event()
@@ -385,7 +321,7 @@ class ServiceLauncher(Resource):
             start_new_session=True,
         )
         try:
-            self._watchdog = _Process(popen)
+            self._watchdog = Process(popen)
         except BaseException:
             popen.kill()
             popen.wait()
@@ -437,7 +373,7 @@ class ServiceLauncher(Resource):
     async def _exit_error(
         self, loop: asyncio.AbstractEventLoop, service: _Service, ready: Mapping[str, Any]
     ) -> ServiceStartupError:
-        returncode = await _collect_status(loop, service)
+        returncode = await collect_status(loop, service)
         tail = _log_tail(service.log_path, _LOG_TAIL_LINES)
         when = "after it reported ready" if service.spec.name in ready else "before it was ready"
         message = f"service {service.spec.name!r} {_describe_exit(returncode)} {when}"
@@ -529,17 +465,17 @@ class ServiceLauncher(Resource):
         services = list(self._services.values())
         sweep = self._sweep()
         try:
-            with _child_subreaper():
+            with child_subreaper():
                 sweep.signal(signal.SIGTERM)
-                await _wait_exits(loop, services, deadline)
-                await _until_gone(loop, sweep, deadline)
+                await wait_exits(loop, services, deadline)
+                await until_gone(loop, sweep, deadline)
                 sweep.signal(signal.SIGKILL)
                 children = self._children()
-                await _wait_exits(loop, children, loop.time() + _KILL_WAIT)
+                await wait_exits(loop, children, loop.time() + _KILL_WAIT)
                 for child in children:
-                    await _collect_status(loop, child)
+                    await collect_status(loop, child)
                     child.popen.poll()
-                await _until_gone(loop, sweep, loop.time() + _KILL_WAIT)
+                await until_gone(loop, sweep, loop.time() + _KILL_WAIT)
                 sweep.reap(keep=(child.pid for child in children))
         finally:
             sweep.close()
@@ -550,7 +486,7 @@ class ServiceLauncher(Resource):
             self._watchdog.popen.kill()
         sweep = self._sweep()
         try:
-            with _child_subreaper():
+            with child_subreaper():
                 _watchdog.end(sweep, grace)
                 children = self._children()
                 for child in children:
@@ -560,8 +496,8 @@ class ServiceLauncher(Resource):
         finally:
             sweep.close()
 
-    def _children(self) -> list[_Process]:
-        children: list[_Process] = list(self._services.values())
+    def _children(self) -> list[Process]:
+        children: list[Process] = list(self._services.values())
         if self._watchdog is not None:
             children.append(self._watchdog)
         return children
@@ -587,53 +523,3 @@ class ServiceLauncher(Resource):
 
     def __repr__(self) -> str:
         return f"<ServiceLauncher {self._state.value} {sorted(self._services)}>"
-
-
-async def _wait_exits(
-    loop: asyncio.AbstractEventLoop, children: Sequence[_Process], deadline: float
-) -> None:
-    """Wait until every process in ``children`` has exited or ``deadline`` passes."""
-    pending = {child for child in children if child.exit_status() is None}
-    if not pending:
-        return
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_exit(child: _Process) -> None:
-        loop.remove_reader(child.pidfd)
-        pending.discard(child)
-        if not pending:
-            resolve(done)
-
-    for child in pending:
-        loop.add_reader(child.pidfd, on_exit, child)
-    timer = loop.call_at(deadline, resolve, done)
-    try:
-        await done
-    finally:
-        timer.cancel()
-        for child in pending:
-            loop.remove_reader(child.pidfd)
-
-
-async def _until_gone(
-    loop: asyncio.AbstractEventLoop, sweep: _watchdog.Sweep, deadline: float
-) -> None:
-    """Poll until no process of ``sweep`` is left or ``deadline`` passes (new descendants can
-    appear at any time, so there is no single event to wait for)."""
-    delay = 0.002
-    while loop.time() < deadline and sweep.alive():
-        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-        delay = min(delay * 2, 0.05)
-
-
-async def _collect_status(loop: asyncio.AbstractEventLoop, child: _Process) -> int | None:
-    """The exit status of a child whose pidfd reported its exit.
-
-    The pidfd can fire a moment before the status is collectable, so this retries briefly.
-    """
-    end = loop.time() + _STATUS_WITHIN
-    delay = 0.0005
-    while (status := child.exit_status()) is None and loop.time() < end:
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return status
