@@ -78,3 +78,11 @@ def test_the_watchdog_imports_only_the_standard_library() -> None:
         "wirebus",
         "wirebus._watchdog",
     }
+
+
+@pytest.mark.parametrize("module", ["wirebus.service", "wirebus.services", "wirebus._watchdog"])
+def test_the_new_modules_are_documented(module: str) -> None:
+    mod = importlib.import_module(module)
+    assert mod.__doc__, f"{module} has no docstring"
+    for name in getattr(mod, "__all__", ()):
+        assert getattr(mod, name).__doc__, f"{module}.{name} has no docstring"

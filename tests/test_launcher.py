@@ -533,7 +533,7 @@ async def test_start_validates_before_spawning_and_only_once(service: Service) -
         await launcher.start([("a", ["true"])])  # type: ignore[list-item]
     async with launcher:
         assert await launcher.start([]) == {}
-        with pytest.raises(RuntimeError, match="already"):
+        with pytest.raises(RuntimeError, match="starts once; this one is open"):
             await launcher.start([service("b")])
     assert launcher.pids == {}
 

@@ -81,24 +81,32 @@ class Sweep:
     """Ends the processes of one launch: :meth:`signal` them, :meth:`alive` tells who is left.
 
     Every process found is held by a pidfd until :meth:`close`, so a signal never reaches a
-    process that merely reused its pid. ``keep`` are pids the caller reaps itself (its own
-    children); others that turn out to be this process's children (it is a child subreaper
-    while stopping) are reaped by :meth:`reap`.
+    process that merely reused its pid; one found later (forked meanwhile) gets the last signal
+    sent at once. Processes that turn out to be this process's children (it is a child
+    subreaper while stopping) are reaped by :meth:`reap`.
     """
 
     def __init__(self, roots: Iterable[int], marker: str | None) -> None:
         self._roots = tuple(roots)
         self._marker = marker
         self._fds: dict[int, int] = {}
+        self._sent: signal.Signals | None = None
 
     def _find(self) -> None:
         for pid in members(self._roots, self._marker) - self._fds.keys():
-            with contextlib.suppress(OSError):
-                self._fds[pid] = os.pidfd_open(pid)
+            try:
+                fd = self._fds[pid] = os.pidfd_open(pid)
+            except OSError:
+                continue
+            if self._sent is not None:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, self._sent)
 
     def signal(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to every process of the launch that is still alive."""
+        """Send ``sig`` to every process of the launch that is still alive (and to any found
+        later)."""
         self._find()
+        self._sent = sig
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(fd, sig)

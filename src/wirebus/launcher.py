@@ -213,7 +213,7 @@ class ServiceLauncher(Resource):
         launcher starts once: a second call is a RuntimeError.
         """
         if self._state is not State.NEW:
-            raise RuntimeError(f"start() was already called on this launcher ({self._state.value})")
+            raise RuntimeError(f"a launcher starts once; this one is {self._state.value}")
         specs = tuple(specs)
         seen: set[str] = set()
         for spec in specs:
