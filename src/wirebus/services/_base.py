@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from wirebus._aio import positive_timeout
 from wirebus.codec import MessageCodec
-from wirebus.transport import T, ZmqMessageSubscriber
+from wirebus.transport import ZmqMessageSubscriber
+
+T = TypeVar("T")
 
 _QUIET = 0.1
 _DRAIN_LIMIT = 3.0
