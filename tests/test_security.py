@@ -470,3 +470,18 @@ def test_default_message_size_limit_is_set(wirebus_address: str) -> None:
         assert subscriber._socket.getsockopt(zmq.MAXMSGSIZE) == 64 * 1024 * 1024
     with ZmqMessageSubscriber(tick_codec(), wirebus_address, max_message_size=1000) as subscriber:
         assert subscriber._socket.getsockopt(zmq.MAXMSGSIZE) == 1000
+
+
+def test_only_the_key_api_is_public() -> None:
+    from wirebus import security
+
+    defined_here = {
+        name
+        for name, value in vars(security).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == security.__name__
+    }
+    assert defined_here == set(security.__all__)
+    assert {"check_curve", "configure", "needs_authenticator", "Authenticator"}.isdisjoint(
+        vars(security)
+    )
+    assert "ZAP_DOMAIN" not in vars(security)

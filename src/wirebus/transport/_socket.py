@@ -38,9 +38,9 @@ class OwnedSocket:
     ) -> None:
         _endpoint.check_address(address, bind=bind, allow_any_interface=allow_any_interface)
         _check_security(curve, address, context, heartbeat)
-        self.authenticator: security.Authenticator | None = None
+        self.authenticator: security._Authenticator | None = None
         self.own_context: zmq.Context[Any] | None = None
-        if context is None and (private_context or security.needs_authenticator(curve)):
+        if context is None and (private_context or security._needs_authenticator(curve)):
             self.own_context = zmq.Context(io_threads=1)
         self.context: zmq.Context[Any] = context or self.own_context or zmq.Context.instance()
         self.socket: zmq.Socket[bytes] = self.context.socket(kind)
@@ -48,9 +48,9 @@ class OwnedSocket:
             for option, value in options:
                 self.socket.setsockopt(option, value)
             _set_heartbeat(self.socket, heartbeat, connecting=not bind)
-            security.configure(self.socket, curve)
+            security._configure(self.socket, curve)
             if isinstance(curve, CurveServer) and curve.allowed_clients is not None:
-                self.authenticator = security.Authenticator(self.context, curve, owner)
+                self.authenticator = security._Authenticator(self.context, curve, owner)
             if bind:
                 self.address = _endpoint.bind(self.socket, address, allow_any_interface)
             else:
@@ -66,7 +66,7 @@ class OwnedSocket:
         if self.authenticator is not None:
             # Handshakes under way fail from here on (ZAP_ENFORCE_DOMAIN); delivery over
             # connections already authenticated goes on while term() waits for it.
-            self.authenticator.stop()
+            self.authenticator.close()
         if self.own_context is not None:
             self.own_context.term()
 
@@ -79,8 +79,8 @@ def _check_security(
 ) -> None:
     if not isinstance(heartbeat, int) or heartbeat < 0:
         raise ValueError(f"heartbeat must be an int >= 0 ms (0: off), got {heartbeat!r}")
-    security.check_curve(curve, address)
-    if context is not None and security.needs_authenticator(curve):
+    security._check_curve(curve, address)
+    if context is not None and security._needs_authenticator(curve):
         raise ValueError(
             "a CurveServer with allowed_clients runs a ZAP authenticator in a ZMQ context of "
             "its own: do not pass context"
