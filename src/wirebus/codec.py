@@ -95,10 +95,16 @@ class RunEncoding(Generic[T]):
     ``publish()``, so it must be cheap. ``encode(items)`` returns one msgpack array holding
     the items in order, each element exactly the payload ``codec.encode(item)`` would give;
     the publisher calls it in its send step, for runs of items that share a topic.
+
+    Two optional shortcuts for the publisher's hot path: with ``item_type``, the publisher
+    checks ``isinstance(item, item_type)`` itself (``topic`` may then skip that check); with
+    ``fixed_topic``, every item has that topic and ``topic`` is not called.
     """
 
     topic: Callable[[T], bytes]
     encode: Callable[[Sequence[T]], bytes]
+    item_type: Any = None
+    fixed_topic: bytes | None = None
 
 
 def run_encoding_of(codec: MessageCodec[T]) -> RunEncoding[T] | None:
@@ -120,7 +126,7 @@ def run_decoder_of(codec: MessageCodec[T]) -> Callable[[bytes | memoryview], lis
     return offer() if callable(offer) else None
 
 
-def _type_name(type_: object) -> str:
+def type_name(type_: object) -> str:
     """A readable name for any type msgspec accepts (a class, a union, a generic alias)."""
     name = getattr(type_, "__name__", None)
     return name if isinstance(name, str) and not getattr(type_, "__args__", None) else repr(type_)
@@ -184,7 +190,7 @@ class MsgspecCodec(Generic[T]):
         checked = self._checked_type
         if checked is not None and not isinstance(item, checked):
             raise TypeError(
-                f"{self!r} encodes {_type_name(self.type)}, got {type(item).__name__}: {item!r}"
+                f"{self!r} encodes {type_name(self.type)}, got {type(item).__name__}: {item!r}"
             )
         return self._topic if self._topic_of is None else self._topic_of(item)
 
@@ -192,7 +198,8 @@ class MsgspecCodec(Generic[T]):
         """Encode runs in one msgspec call, unless a subclass overrides :meth:`encode`."""
         if type(self).encode is not MsgspecCodec.encode:
             return None
-        return RunEncoding(self.topic, self._encoder.encode)
+        fixed = self._topic if self._topic_of is None else None
+        return RunEncoding(self.topic, self._encoder.encode, self._checked_type, fixed)
 
     def run_decoder(self) -> Callable[[bytes | memoryview], list[T]] | None:
         """Decode a msgpack array of payloads in one call, unless :meth:`decode` is overridden.
@@ -208,4 +215,4 @@ class MsgspecCodec(Generic[T]):
         return decoder.decode
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_type_name(self.type)})"
+        return f"{type(self).__name__}({type_name(self.type)})"

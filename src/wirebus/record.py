@@ -9,7 +9,9 @@ adding an optional field never breaks an older reader.
 from __future__ import annotations
 
 import enum
+import operator
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
@@ -148,7 +150,7 @@ class EventRecordCodec(MsgspecCodec[EventRecord]):
         return item.event_type.topic
 
     def run_encoding(self) -> RunEncoding[EventRecord]:
-        return RunEncoding(self.topic, self._encoder.encode)
+        return RunEncoding(_topic_of, self._encoder.encode, EventRecord)
 
     def _dec_hook(self, type_: type[Any], obj: Any) -> Any:
         if type_ is EventType:
@@ -167,5 +169,4 @@ class EventRecordCodec(MsgspecCodec[EventRecord]):
         )
 
 
-def _topic_of(record: EventRecord) -> bytes:
-    return record.event_type.topic
+_topic_of: Callable[[EventRecord], bytes] = operator.attrgetter("event_type.topic")

@@ -1,19 +1,14 @@
-"""The ZeroMQ publisher: ``publish()`` checks and queues, and who sends the queue.
+"""The ZeroMQ publisher: ``publish()`` checks and queues, a state for its life, closing.
 
-Inside a running event loop, the loop sends: an idle item at once, the rest of a loop turn
-together from one ``call_soon`` callback, and inline whenever a full message's worth is queued.
-A thread without an event loop sends an item at once when it publishes after a pause, and
-leaves a burst to the writer thread (:class:`~wirebus.transport._sender.Writer`), which also
-sends what a blocked or closed loop leaves queued. Whoever sends holds the send lock, and after
-releasing it looks at the queue again, so no item is ever left behind by a lock another thread
-held.
+Who sends the queue is :mod:`~wirebus.transport._sender`'s business (the publisher is a
+:class:`~wirebus.transport._sender.Dispatcher`), how a run becomes a message
+:mod:`~wirebus.transport._sendstep`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import enum
 import logging
 import os
@@ -27,20 +22,22 @@ from typing import Any, TypeVar, cast
 import zmq
 
 from wirebus import _aio
-from wirebus.codec import TOPIC_FRAME_SIZE, MessageCodec, check_codec, run_encoding_of
+from wirebus.codec import (
+    TOPIC_FRAME_SIZE,
+    MessageCodec,
+    check_codec,
+    run_encoding_of,
+    type_name,
+)
 from wirebus.security import CurveClient, CurveServer
 from wirebus.transport import _wire
 from wirebus.transport._base import MessagePublisher, RateLimitedLog, logger, safe_repr
-from wirebus.transport._sender import Entry, SendStep, Writer
+from wirebus.transport._sender import LOOP, Dispatcher
+from wirebus.transport._sendstep import Entry, SendStep
 from wirebus.transport._socket import OwnedSocket
 
 T = TypeVar("T")
 
-# A thread without an event loop is in a burst when it publishes within this many seconds of
-# its last send: the writer batches what follows, unless it is slower than this to come.
-_BURST_GAP = 50e-6
-# How long the writer leaves the tail of a loop-less burst to the publishing thread (s).
-_WRITER_DELAY = 0.001
 _EXIT_CLOSE_TIMEOUT = 2.0
 
 
@@ -58,17 +55,7 @@ class _State(enum.Enum):
 
 
 _OPEN = _State.OPEN
-
-
-class _Due(enum.Enum):
-    """Who is due to send what ``publish()`` queued (beyond a full message, sent at once)."""
-
-    NOBODY = "nobody"
-    LOOP = "the publishing event loop, from a call_soon callback"
-    WRITER = "the writer thread, woken for a thread without an event loop"
-
-
-_LOOP = _Due.LOOP
+_MAX_ITEMS = _wire.MAX_ITEMS
 
 
 @dataclass(frozen=True)
@@ -104,7 +91,7 @@ def close_live_publishers() -> None:
         publisher.close(timeout=max(0.0, deadline - time.monotonic()))
 
 
-class ZmqMessagePublisher(MessagePublisher[T]):
+class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
     """Publishes items over a ZMQ XPUB socket; see ``docs/pubsub.md``.
 
     ``bind=True`` binds ``address`` (``tcp://127.0.0.1:*`` picks a free port; :attr:`address`
@@ -151,19 +138,14 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self.codec = codec
         run_encoding = run_encoding_of(codec)
         self._topic_of = run_encoding.topic if run_encoding is not None else None
+        self._item_type = run_encoding.item_type if run_encoding is not None else None
+        self._fixed_topic = run_encoding.fixed_topic if run_encoding is not None else None
         self._linger = linger
         self.publisher_id = int.from_bytes(os.urandom(8), "little")
-        self._queue: collections.deque[Entry] = collections.deque()
         self._published = 0
-        self._due = _Due.NOBODY
-        self._deferred_at = 0.0  # when the writer was last woken for a loop-less burst
-        self._last_inline = 0.0  # when a loop-less publish() last sent at once
         self._state = _OPEN
         self._failure: Exception | None = None
         self._state_lock = threading.Lock()
-        # Whoever holds the send lock owns the socket: it sends and reads subscriptions.
-        self._send_lock = threading.Lock()
-        self._flush_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._error_log = RateLimitedLog()
         self._owned = OwnedSocket(
             zmq.XPUB,
@@ -184,7 +166,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             owner=f"publisher for {address}",
         )
         self.address = self._owned.address
-        self._step = SendStep(
+        step = SendStep(
             self._owned.socket,
             self.publisher_id,
             codec,
@@ -194,13 +176,7 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             self.on_error,
             safe_repr(self),
         )
-        self._writer = Writer(
-            f"wirebus-publisher {self.address}",
-            self._send_from_writer,
-            self._queue,
-            lambda: self._step.messages,
-            self._forget_schedule,
-        )
+        self._start_dispatch(step, f"wirebus-publisher {self.address}")
         _live_publishers.add(self)
 
     def __repr__(self) -> str:
@@ -224,20 +200,24 @@ class ZmqMessagePublisher(MessagePublisher[T]):
     def publish(self, item: T) -> None:
         if self._state is not _OPEN:
             raise self._refusal("publish()")
-        topic_of = self._topic_of
-        if topic_of is None:
-            entry = self._encode_now(item)
-        else:
-            topic = topic_of(item)
-            if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-                raise _bad_topic(self.codec, item, topic)
-            entry = (topic, item)
+        item_type = self._item_type
+        if item_type is not None and item.__class__ is not item_type:
+            self._check_type(item)
+        topic = self._fixed_topic
+        if topic is None:
+            topic_of = self._topic_of
+            if topic_of is None:
+                topic, item = self._encode_now(item)
+            else:
+                topic = topic_of(item)
+                if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
+                    raise _bad_topic(self.codec, item, topic)
         queue = self._queue
-        queue.append(entry)
+        queue.append((topic, item))
         self._published += 1
-        if len(queue) >= _wire.MAX_ITEMS:
+        if len(queue) >= _MAX_ITEMS:
             self._send_now()  # a full message's worth: no need to wait
-        elif self._due is not _LOOP:
+        elif self._due is not LOOP:
             self._schedule()
 
     def publish_many(self, items: Iterable[T]) -> None:
@@ -249,19 +229,35 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         if topic_of is None:
             entries = [self._encode_now(item) for item in items]
         else:
-            entries = [(topic_of(item), item) for item in items]
-            for topic, item in entries:
-                if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-                    raise _bad_topic(self.codec, item, topic)
+            items = list(items)
+            if self._item_type is not None:
+                for item in items:
+                    if item.__class__ is not self._item_type:
+                        self._check_type(item)
+            fixed = self._fixed_topic
+            if fixed is not None:
+                entries = [(fixed, item) for item in items]
+            else:
+                entries = [(topic_of(item), item) for item in items]
+                for topic, item in entries:
+                    if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
+                        raise _bad_topic(self.codec, item, topic)
         if not entries:
             return
         queue = self._queue
         queue.extend(entries)
         self._published += len(entries)
-        if len(queue) >= _wire.MAX_ITEMS:
+        if len(queue) >= _MAX_ITEMS:
             self._send_now()
-        elif self._due is not _LOOP:
+        elif self._due is not LOOP:
             self._schedule()
+
+    def _check_type(self, item: object) -> None:
+        if not isinstance(item, cast(type, self._item_type)):
+            raise TypeError(
+                f"{safe_repr(self.codec)} encodes {type_name(self._item_type)}, got "
+                f"{type(item).__name__}: {safe_repr(item)}"
+            )
 
     def _encode_now(self, item: T) -> Entry:
         """Encode with a codec that has no run encoding, checking what it returned."""
@@ -299,71 +295,10 @@ class ZmqMessagePublisher(MessagePublisher[T]):
             exc,
         )
 
-    def _schedule(self) -> None:
-        """Have the queue sent soon: by the caller's event loop if it has one; else at once
-        after a pause, or by the writer during a burst (or by this thread, should the writer
-        be slower than ``_BURST_GAP`` to come, as when this thread holds the GIL)."""
-        if self._due is _Due.WRITER:
-            now = time.perf_counter()
-            if now - self._deferred_at > _BURST_GAP:
-                self._deferred_at = now
-                self._send_now()
-            return
-        loop = asyncio._get_running_loop()
-        if loop is not None:
-            self._due = _LOOP
-            loop.call_soon(self._send_scheduled)
-            if len(self._queue) == 1:  # idle: send this one now, batch the rest of this turn
-                self._send_now()
-            if not self._writer.ticking:  # it sends what a blocked or closed loop leaves
-                self._writer.start_ticking()
-            return
-        now = time.perf_counter()
-        if len(self._queue) == 1 and now - self._last_inline > _BURST_GAP:
-            self._last_inline = now
-            self._send_now()
-        else:  # a burst: batched by this thread's next publish() or, failing that, the writer
-            self._due = _Due.WRITER
-            self._deferred_at = now
-            self._writer.want(after=_WRITER_DELAY)
+    def _socket_closed(self) -> bool:
+        return bool(self._owned.socket.closed)
 
-    def _forget_schedule(self) -> None:
-        self._due = _Due.NOBODY
-
-    def _send_scheduled(self) -> None:
-        self._due = _Due.NOBODY
-        self._send_now()
-
-    def _send_from_writer(self) -> None:
-        self._due = _Due.NOBODY  # a loop's callback may never run: the next publish schedules
-        if self._queue or self._flush_waiters:
-            with self._send_lock:
-                self._send_locked()
-            self._send_now()
-
-    def _send_now(self) -> None:
-        """Send the queue from this thread unless another holds the send lock; that one looks
-        at the queue again once it has released the lock, so nothing is left behind."""
-        queue, lock = self._queue, self._send_lock
-        while queue and lock.acquire(blocking=False):
-            try:
-                self._send_locked()
-            finally:
-                lock.release()
-
-    def _send_locked(self) -> None:
-        if self._owned.socket.closed:
-            return
-        queue = self._queue
-        while queue:
-            try:
-                self._step.send(queue)
-            except Exception as exc:
-                self._fail(exc)
-        if self._flush_waiters:
-            self._settle_flushes()
-
-    def _fail(self, exc: Exception) -> None:
+    def _send_failed(self, exc: Exception) -> None:
         """A socket error: refuse from now on; what is still queued is still sent."""
         self._error_log(
             logging.ERROR,
@@ -400,19 +335,6 @@ class ZmqMessagePublisher(MessagePublisher[T]):
         self._flush_waiters.append((target, loop, done))
         self._writer.want()  # it settles waiters under the send lock, this one included
         await _aio.wait(done, timeout, lambda: f"{self!r}: flush not done within {timeout} s")
-
-    def _settle_flushes(self, closed: bool = False) -> None:
-        handled = self._step.handled
-        for waiter in list(self._flush_waiters):
-            target, loop, done = waiter
-            if handled >= target:
-                _aio.resolve_threadsafe(loop, done)
-            elif closed:
-                message = f"{self!r} closed with {target - handled} item(s) of a flush unsent"
-                _aio.resolve_threadsafe(loop, done, RuntimeError(message))
-            else:
-                continue
-            self._flush_waiters.remove(waiter)
 
     async def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> None:
         """Return once ``count`` subscriptions reached this publisher; ``TimeoutError`` otherwise.

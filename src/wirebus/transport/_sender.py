@@ -1,212 +1,51 @@
-"""The publisher's send step and its writer thread.
+"""Who sends: the publisher's :class:`Dispatcher` and its :class:`Writer` thread.
 
-:class:`SendStep` turns queued entries into messages and hands them to the socket: runs of one
-topic, encoded in one call where the codec offers it, numbered per topic. Whoever holds the
-publisher's send lock calls it. :class:`Writer` is the thread that sends when the publishing
-thread does not: for threads without an event loop, and when an event loop leaves items queued
-(it is blocked, or closed).
+Inside a running event loop, the loop sends: an idle item at once, the rest of a loop turn
+together from one ``call_soon`` callback, and inline whenever a full message's worth is queued.
+A thread without an event loop sends an item at once when it publishes after a pause; a burst
+it batches itself, and the writer sends the burst's tail if the thread does not come back for
+it. The writer also sends what a blocked or closed loop leaves queued. How a run becomes a
+message is :mod:`~wirebus.transport._sendstep`'s business.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
-import itertools
+import enum
 import logging
 import math
-import operator
 import os
 import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-import zmq
-
-from wirebus.codec import MessageCodec, RunEncoding
-from wirebus.transport import _wire
+from wirebus import _aio
 from wirebus.transport._base import RateLimitedLog, safe_repr
+from wirebus.transport._sendstep import Entry, SendStep
 
-T = TypeVar("T")
-
-Entry = tuple[bytes, Any]  # (topic, item) with run encoding, else (topic, payload bytes)
-_TOPIC = operator.itemgetter(0)
-_VALUE = operator.itemgetter(1)
 _TICK = 0.02  # s: how often a ticking writer looks for a stalled queue
 
 
-class SendStep(Generic[T]):
-    """Encodes and sends queued entries; every counter of what happened to them.
-
-    ``on_error(exc, item)`` hears of each item that failed to encode (the item is dropped
-    alone). An error of the socket loses the rest of the run being sent (counted in ``lost``)
-    and is raised; what follows that run stays queued.
-    """
-
-    def __init__(
-        self,
-        socket: zmq.Socket[bytes],
-        publisher_id: int,
-        codec: MessageCodec[T],
-        run_encoding: RunEncoding[T] | None,
-        conflate: bool,
-        max_batch_bytes: int,
-        on_error: Callable[[BaseException, T], None],
-        owner: str,
-    ) -> None:
-        self._socket = socket
-        self._publisher_id = publisher_id
-        self._codec = codec
-        self._encode_run = run_encoding.encode if run_encoding is not None else None
-        self._conflate = conflate
-        self._max_batch_bytes = max_batch_bytes
-        self._on_error = on_error
-        self._owner = owner
-        self._seqs: dict[bytes, int] = {}
-        self._error_log = RateLimitedLog()
-        self.sent = 0
-        self.messages = 0
-        self.conflated = 0
-        self.encode_errors = 0
-        self.lost = 0
-        self.subscriptions = 0
-
-    @property
-    def handled(self) -> int:
-        """Items whose fate is settled: sent, superseded, failed to encode, or lost."""
-        return self.sent + self.conflated + self.encode_errors + self.lost
-
-    def send(self, queue: collections.deque[Entry]) -> None:
-        """Send everything in ``queue``, batching runs of one topic (under the send lock)."""
-        popleft = queue.popleft
-        while queue:
-            runs = itertools.groupby(
-                itertools.starmap(popleft, itertools.repeat((), len(queue))), _TOPIC
-            )
-            for topic, run in runs:
-                values = list(map(_VALUE, run))
-                try:
-                    self._send_run(topic, values)
-                except Exception:
-                    queue.extendleft(reversed([e for _, r in runs for e in r]))
-                    raise
-
-    def _send_run(self, topic: bytes, values: list[Any]) -> None:
-        superseded = 0
-        if self._conflate:
-            superseded = len(values) - 1
-            values = values[-1:]
-        step = _wire.MAX_ITEMS
-        for start in range(0, len(values), step):
-            chunk = values[start : start + step]
-            try:
-                if self._encode_run is None:
-                    self._send_payloads(topic, chunk, superseded)
-                else:
-                    self._send_items(topic, chunk, superseded)
-            except Exception:
-                self.lost += len(values) - start
-                raise
-            superseded = 0
-            if self.messages % 64 == 0:  # a long queue: keep the subscription count current
-                self.read_subscriptions()
-
-    def _send_items(self, topic: bytes, items: list[T], superseded: int) -> None:
-        """Encode ``items`` in one call and send them in one message (or more, if too big)."""
-        assert self._encode_run is not None
-        try:
-            body = self._encode_run(items)
-        except Exception:
-            items, body = self._encode_one_by_one(items)
-            if not items:
-                self._socket_send_nothing(topic, superseded)
-                return
-        if len(body) > self._max_batch_bytes and len(items) > 1:
-            half = len(items) // 2
-            self._send_items(topic, items[:half], superseded)
-            self._send_items(topic, items[half:], 0)
-            return
-        count = len(items)
-        first = self._seqs.get(topic, 0) + superseded
-        self._seqs[topic] = first + count
-        self._socket.send(_wire.pack_run(topic, self._publisher_id, first, count, body))
-        self.sent += count
-        self.conflated += superseded
-        self.messages += 1
-
-    def _socket_send_nothing(self, topic: bytes, superseded: int) -> None:
-        """Every item of a run failed to encode: only the superseded ones still need counting
-        (their sequence numbers are skipped, so subscribers see them as dropped)."""
-        self._seqs[topic] = self._seqs.get(topic, 0) + superseded
-        self.conflated += superseded
-
-    def _encode_one_by_one(self, items: list[T]) -> tuple[list[T], bytes]:
-        """Encode item by item after a run failed: report and drop the ones that fail."""
-        good, payloads = [], []
-        for item in items:
-            try:
-                payloads.append(self._codec.encode(item)[1])
-            except Exception as exc:
-                self.encode_errors += 1
-                self._report(exc, item)
-                continue
-            good.append(item)
-        return good, _wire.array_header(len(good)) + b"".join(payloads)
-
-    def _report(self, exc: Exception, item: T) -> None:
-        try:
-            self._on_error(exc, item)
-        except Exception as raised:
-            self._error_log(
-                logging.ERROR,
-                f"{self._owner}: on_error raised {safe_repr(raised)} while handling "
-                f"{safe_repr(exc)}",
-                raised,
-            )
-
-    def _send_payloads(self, topic: bytes, payloads: list[bytes], superseded: int) -> None:
-        """Send encoded payloads in table-form messages within ``max_batch_bytes``."""
-        start = 0
-        while start < len(payloads):
-            end = _fit(payloads, start, self._max_batch_bytes)
-            count = end - start
-            first = self._seqs.get(topic, 0) + superseded
-            self._seqs[topic] = first + count
-            frame = _wire.pack_table(topic, self._publisher_id, first, payloads[start:end])
-            self._socket.send(frame)
-            self.sent += count
-            self.conflated += superseded
-            self.messages += 1
-            superseded = 0
-            start = end
-
-    def read_subscriptions(self) -> None:
-        """Count the subscribe (+1) and unsubscribe (-1) messages waiting on the socket."""
-        recv = self._socket.recv
-        while True:
-            try:
-                message = recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if message[:1] == b"\x01":
-                self.subscriptions += 1
-            elif message[:1] == b"\x00":
-                self.subscriptions -= 1
+# A thread without an event loop is in a burst when it publishes within this many seconds of
+# its last send: the writer batches what follows, unless it is slower than this to come.
+_BURST_GAP = 50e-6
+# How long the writer leaves the tail of a loop-less burst to the publishing thread (s).
+_WRITER_DELAY = 0.001
 
 
-def _fit(payloads: list[bytes], start: int, max_bytes: int) -> int:
-    """The end of the longest run from ``start`` (at least one payload, at most
-    ``MAX_ITEMS``) whose sizes add up to at most ``max_bytes``."""
-    size = len(payloads[start])
-    end = start + 1
-    limit = min(len(payloads), start + _wire.MAX_ITEMS)
-    while end < limit:
-        size += len(payloads[end])
-        if size > max_bytes:
-            break
-        end += 1
-    return end
+class _Due(enum.Enum):
+    """Who is due to send what ``publish()`` queued (beyond a full message, sent at once)."""
+
+    NOBODY = "nobody"
+    LOOP = "the publishing event loop, from a call_soon callback"
+    WRITER = "the writer thread, woken for a thread without an event loop"
+
+
+LOOP = _Due.LOOP
 
 
 class Writer:
@@ -332,3 +171,110 @@ def _drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         while os.read(fd, 4096):
             pass
+
+
+class Dispatcher:
+    """Who sends what ``publish()`` queued: the half of a publisher that owns the queue, the
+    send lock, the writer thread and the send step.
+
+    The publisher's ``publish()`` appends ``(topic, item)`` entries to :attr:`_queue` and
+    calls :meth:`_send_now` (a full message queued) or :meth:`_schedule` (nobody due yet).
+    Whoever holds the send lock sends until the queue is empty, and after releasing it looks
+    at the queue again, so nothing is ever left behind by a lock another thread held.
+    """
+
+    def _start_dispatch(self, step: SendStep[Any], name: str) -> None:
+        self._queue: collections.deque[Entry] = collections.deque()
+        self._step = step
+        # Whoever holds the send lock owns the socket: it sends and reads subscriptions.
+        self._send_lock = threading.Lock()
+        self._due = _Due.NOBODY
+        self._deferred_at = 0.0  # when the writer was last woken for a loop-less burst
+        self._last_inline = 0.0  # when a loop-less publish() last sent at once
+        self._flush_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._writer = Writer(
+            name, self._send_from_writer, self._queue, lambda: step.messages, self._forget_schedule
+        )
+
+    def _socket_closed(self) -> bool:
+        raise NotImplementedError
+
+    def _send_failed(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+    def _schedule(self) -> None:
+        """Have the queue sent soon: by the caller's event loop if it has one; else at once
+        after a pause, or by the writer during a burst (or by this thread, should the writer
+        be slower than ``_BURST_GAP`` to come, as when this thread holds the GIL)."""
+        if self._due is _Due.WRITER:
+            now = time.perf_counter()
+            if now - self._deferred_at > _BURST_GAP:
+                self._deferred_at = now
+                self._send_now()
+            return
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            self._due = LOOP
+            loop.call_soon(self._send_scheduled)
+            if len(self._queue) == 1:  # idle: send this one now, batch the rest of this turn
+                self._send_now()
+            if not self._writer.ticking:  # it sends what a blocked or closed loop leaves
+                self._writer.start_ticking()
+            return
+        now = time.perf_counter()
+        if len(self._queue) == 1 and now - self._last_inline > _BURST_GAP:
+            self._last_inline = now
+            self._send_now()
+        else:  # a burst: batched by this thread's next publish() or, failing that, the writer
+            self._due = _Due.WRITER
+            self._deferred_at = now
+            self._writer.want(after=_WRITER_DELAY)
+
+    def _forget_schedule(self) -> None:
+        self._due = _Due.NOBODY
+
+    def _send_scheduled(self) -> None:
+        self._due = _Due.NOBODY
+        self._send_now()
+
+    def _send_from_writer(self) -> None:
+        self._due = _Due.NOBODY  # a loop's callback may never run: the next publish schedules
+        if self._queue or self._flush_waiters:
+            with self._send_lock:
+                self._send_locked()
+            self._send_now()
+
+    def _send_now(self) -> None:
+        """Send the queue from this thread unless another holds the send lock; that one looks
+        at the queue again once it has released the lock, so nothing is left behind."""
+        queue, lock = self._queue, self._send_lock
+        while queue and lock.acquire(blocking=False):
+            try:
+                self._send_locked()
+            finally:
+                lock.release()
+
+    def _send_locked(self) -> None:
+        if self._socket_closed():
+            return
+        queue = self._queue
+        while queue:
+            try:
+                self._step.send(queue)
+            except Exception as exc:
+                self._send_failed(exc)
+        if self._flush_waiters:
+            self._settle_flushes()
+
+    def _settle_flushes(self, closed: bool = False) -> None:
+        handled = self._step.handled
+        for waiter in list(self._flush_waiters):
+            target, loop, done = waiter
+            if handled >= target:
+                _aio.resolve_threadsafe(loop, done)
+            elif closed:
+                message = f"{self!r} closed with {target - handled} item(s) of a flush unsent"
+                _aio.resolve_threadsafe(loop, done, RuntimeError(message))
+            else:
+                continue
+            self._flush_waiters.remove(waiter)
