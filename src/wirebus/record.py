@@ -9,12 +9,14 @@ adding an optional field never breaks an older reader.
 from __future__ import annotations
 
 import enum
+import operator
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
-from wirebus.codec import MsgspecCodec, make_topic
+from wirebus.codec import MsgspecCodec, RunEncoding, make_topic
 
 __all__ = [
     "ERROR_TOPIC",
@@ -114,8 +116,12 @@ class TextModelOutput(msgspec.Struct, tag="output", omit_defaults=True):
     n_tokens: int | None = None
 
 
-class EventRecord(msgspec.Struct, omit_defaults=True):
-    """One event: its type, when it happened (``time.monotonic_ns()``), which sample, details."""
+class EventRecord(msgspec.Struct, omit_defaults=True, frozen=True):
+    """One event: its type, when it happened (``time.monotonic_ns()``), which sample, details.
+
+    Frozen: a publisher may encode a record after ``publish()`` returned, so it cannot change
+    in between.
+    """
 
     event_type: AnyEventType
     timestamp_ns: int = msgspec.field(default_factory=time.monotonic_ns)
@@ -138,6 +144,14 @@ class EventRecordCodec(MsgspecCodec[EventRecord]):
     def encode(self, item: EventRecord) -> tuple[bytes, bytes]:
         return item.event_type.topic, self._encode_payload(item)
 
+    def topic(self, item: EventRecord) -> bytes:
+        if item.__class__ is not EventRecord and not isinstance(item, EventRecord):
+            raise TypeError(f"{self!r} encodes EventRecord, got {type(item).__name__}: {item!r}")
+        return item.event_type.topic
+
+    def run_encoding(self) -> RunEncoding[EventRecord]:
+        return RunEncoding(_topic_of, self._encoder.encode, EventRecord)
+
     def _dec_hook(self, type_: type[Any], obj: Any) -> Any:
         if type_ is EventType:
             try:
@@ -155,5 +169,4 @@ class EventRecordCodec(MsgspecCodec[EventRecord]):
         )
 
 
-def _topic_of(record: EventRecord) -> bytes:
-    return record.event_type.topic
+_topic_of: Callable[[EventRecord], bytes] = operator.attrgetter("event_type.topic")

@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 from wirebus._endpoint import new_ipc_address, remove_ipc_dir
 from wirebus.codec import MessageCodec
-from wirebus.transport import T, ZmqMessageSubscriber
+from wirebus.transport import ZmqMessageSubscriber
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # imported by the fixtures that use them: the plugin loads in every run
     from wirebus.kvstore import BasicKVStore

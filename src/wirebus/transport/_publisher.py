@@ -1,0 +1,422 @@
+"""The ZeroMQ publisher: ``publish()`` checks and queues, a state for its life, closing.
+
+Who sends the queue is :mod:`~wirebus.transport._sender`'s business (the publisher is a
+:class:`~wirebus.transport._sender.Dispatcher`), how a run becomes a message
+:mod:`~wirebus.transport._sendstep`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import zmq
+
+from wirebus import _aio
+from wirebus.codec import (
+    TOPIC_FRAME_SIZE,
+    MessageCodec,
+    check_codec,
+    run_encoding_of,
+    type_name,
+)
+from wirebus.security import CurveClient, CurveServer
+from wirebus.transport import _wire
+from wirebus.transport._base import MessagePublisher, RateLimitedLog, logger, safe_repr
+from wirebus.transport._sender import LOOP, Dispatcher
+from wirebus.transport._sendstep import Entry, SendStep
+from wirebus.transport._socket import OwnedSocket
+
+T = TypeVar("T")
+
+_EXIT_CLOSE_TIMEOUT = 2.0
+
+
+class _State(enum.Enum):
+    """Where a publisher is in its life; only :meth:`ZmqMessagePublisher._set_state` moves it.
+
+    OPEN → FAILED (a socket error: ``publish()`` refuses, what is queued is still sent) →
+    CLOSING → CLOSED. ``close()`` goes to CLOSING from OPEN or FAILED.
+    """
+
+    OPEN = "open"
+    FAILED = "failed"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_OPEN = _State.OPEN
+_MAX_ITEMS = _wire.MAX_ITEMS
+
+
+@dataclass(frozen=True)
+class PublisherStats:
+    """A snapshot of one publisher's counters.
+
+    ``published`` items were accepted by ``publish()``; of those, ``sent`` were handed to ZMQ
+    in ``messages`` messages, ``conflated`` superseded before sending (``conflate=True``),
+    ``encode_errors`` failed to encode in the send step (each reported to ``on_error``), and
+    ``lost`` were in a run the socket failed to send. ``pending`` are the rest: still queued.
+    """
+
+    published: int
+    sent: int
+    messages: int
+    conflated: int
+    encode_errors: int = 0
+    lost: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.published - self.sent - self.conflated - self.encode_errors - self.lost
+
+
+_live_publishers: weakref.WeakSet[ZmqMessagePublisher[Any]] = weakref.WeakSet()
+
+
+@atexit.register
+def close_live_publishers() -> None:
+    """Close every publisher still open (at exit, within a shared deadline)."""
+    deadline = time.monotonic() + _EXIT_CLOSE_TIMEOUT
+    for publisher in list(_live_publishers):
+        publisher.close(timeout=max(0.0, deadline - time.monotonic()))
+
+
+class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
+    """Publishes items over a ZMQ XPUB socket; see ``docs/pubsub.md``.
+
+    ``bind=True`` binds ``address`` (``tcp://127.0.0.1:*`` picks a free port; :attr:`address`
+    tells the one bound); ``bind=False`` connects to a bound subscriber (fan-in). With the
+    defaults (``sndhwm=0``, ``linger=-1``, ``immediate=True``) nothing published after a
+    subscriber is connected is lost. ``conflate=True`` sends only the newest of the items of one
+    topic pending when they are sent (pair it with ``conflate=True`` on the subscriber).
+    Without ``context`` the publisher owns a private ZMQ context, so that :meth:`close` can wait
+    for delivery.
+
+    With a codec that offers run encoding (``MsgspecCodec``, ``EventRecordCodec``),
+    ``publish()`` takes ownership of the item and encodes it later, in the send step, a run of
+    items in one call; an item that then fails to encode is dropped alone and reported to
+    :meth:`on_error`. Other codecs encode in ``publish()``.
+
+    ``heartbeat`` (ms, ``0``: off) turns on ZMTP heartbeats, so a connection over a cut link is
+    dropped after ``3 * heartbeat`` ms. ``curve`` makes the socket a CurveZMQ server or client
+    (:mod:`wirebus.security`, ``docs/deployment.md``).
+    """
+
+    def __init__(
+        self,
+        codec: MessageCodec[T],
+        address: str,
+        *,
+        bind: bool = True,
+        context: zmq.Context[Any] | None = None,
+        sndhwm: int = 0,
+        linger: int = -1,
+        immediate: bool = True,
+        conflate: bool = False,
+        max_batch_bytes: int = 256 * 1024,
+        allow_any_interface: bool = False,
+        heartbeat: int = 0,
+        curve: CurveServer | CurveClient | None = None,
+    ) -> None:
+        check_codec(codec)
+        if not isinstance(linger, int) or linger < -1:
+            raise ValueError(f"linger must be -1 (wait forever) or >= 0 ms, got {linger!r}")
+        if not isinstance(sndhwm, int) or sndhwm < 0:
+            raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm!r}")
+        if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
+            raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
+        self.codec = codec
+        run_encoding = run_encoding_of(codec)
+        self._topic_of = run_encoding.topic if run_encoding is not None else None
+        self._item_type = run_encoding.item_type if run_encoding is not None else None
+        self._fixed_topic = run_encoding.fixed_topic if run_encoding is not None else None
+        self._linger = linger
+        self.publisher_id = int.from_bytes(os.urandom(8), "little")
+        self._published = 0
+        self._state = _OPEN
+        self._failure: Exception | None = None
+        self._state_lock = threading.Lock()
+        self._error_log = RateLimitedLog()
+        self._owned = OwnedSocket(
+            zmq.XPUB,
+            address,
+            bind=bind,
+            context=context,
+            private_context=not address.startswith("inproc://"),
+            options=[
+                (zmq.SNDHWM, sndhwm),
+                (zmq.IMMEDIATE, int(immediate)),
+                (zmq.XPUB_VERBOSE, 1),
+                (zmq.XPUB_VERBOSER, 1),
+                (zmq.LINGER, linger),
+            ],
+            curve=curve,
+            heartbeat=heartbeat,
+            allow_any_interface=allow_any_interface,
+            owner=f"publisher for {address}",
+        )
+        self.address = self._owned.address
+        step = SendStep(
+            self._owned.socket,
+            self.publisher_id,
+            codec,
+            run_encoding,
+            conflate,
+            max_batch_bytes,
+            self.on_error,
+            safe_repr(self),
+        )
+        self._start_dispatch(step, f"wirebus-publisher {self.address}")
+        _live_publishers.add(self)
+
+    def __repr__(self) -> str:
+        return f"ZmqMessagePublisher({safe_repr(self.codec)}, {self.address!r})"
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    @property
+    def stats(self) -> PublisherStats:
+        """A snapshot of the counters."""
+        step = self._step
+        return PublisherStats(
+            self._published,
+            step.sent,
+            step.messages,
+            step.conflated,
+            step.encode_errors,
+            step.lost,
+        )
+
+    def publish(self, item: T) -> None:
+        if self._state is not _OPEN:
+            raise self._refusal("publish()")
+        item_type = self._item_type
+        if item_type is not None and item.__class__ is not item_type:
+            self._check_type(item)
+        topic = self._fixed_topic
+        if topic is None:
+            topic_of = self._topic_of
+            if topic_of is None:
+                topic, item = self._encode_now(item)
+            else:
+                topic = topic_of(item)
+                if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
+                    raise _bad_topic(self.codec, item, topic)
+        queue = self._queue
+        queue.append((topic, item))
+        self._published += 1
+        if len(queue) >= _MAX_ITEMS:
+            self._send_now()  # a full message's worth: no need to wait
+        elif self._due is not LOOP:
+            self._schedule()
+
+    def publish_many(self, items: Iterable[T]) -> None:
+        """Queue ``items`` in order in one call; every check of :meth:`publish` runs first, so
+        a bad item leaves none of them queued."""
+        if self._state is not _OPEN:
+            raise self._refusal("publish_many()")
+        topic_of = self._topic_of
+        if topic_of is None:
+            entries = [self._encode_now(item) for item in items]
+        else:
+            items = list(items)
+            if self._item_type is not None:
+                for item in items:
+                    if item.__class__ is not self._item_type:
+                        self._check_type(item)
+            fixed = self._fixed_topic
+            if fixed is not None:
+                entries = [(fixed, item) for item in items]
+            else:
+                entries = [(topic_of(item), item) for item in items]
+                for topic, item in entries:
+                    if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
+                        raise _bad_topic(self.codec, item, topic)
+        if not entries:
+            return
+        queue = self._queue
+        queue.extend(entries)
+        self._published += len(entries)
+        if len(queue) >= _MAX_ITEMS:
+            self._send_now()
+        elif self._due is not LOOP:
+            self._schedule()
+
+    def _check_type(self, item: object) -> None:
+        if not isinstance(item, cast(type, self._item_type)):
+            raise TypeError(
+                f"{safe_repr(self.codec)} encodes {type_name(self._item_type)}, got "
+                f"{type(item).__name__}: {safe_repr(item)}"
+            )
+
+    def _encode_now(self, item: T) -> Entry:
+        """Encode with a codec that has no run encoding, checking what it returned."""
+        entry: object = self.codec.encode(item)
+        try:
+            topic, payload = cast("tuple[object, object]", entry)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{safe_repr(self.codec)} encoded {safe_repr(item)} as {safe_repr(entry)}, "
+                "not a (topic, payload) pair"
+            ) from None
+        if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
+            raise _bad_topic(self.codec, item, topic)
+        if payload.__class__ is not bytes:
+            if isinstance(payload, memoryview):
+                payload = payload.tobytes()  # its bytes, whatever its item size
+            elif isinstance(payload, bytearray):
+                payload = bytes(payload)
+            else:
+                raise TypeError(
+                    f"{safe_repr(self.codec)} encoded {safe_repr(item)} with a payload of type "
+                    f"{type(payload).__name__}; payloads must be bytes-like"
+                )
+        return topic, payload
+
+    def on_error(self, exc: BaseException, item: T) -> None:
+        """Called on the sending thread for an item that failed to encode in the send step.
+
+        The item is dropped (``stats.encode_errors``), everything else is delivered. The
+        default logs it, at most a few times in ten seconds. Override it in a subclass.
+        """
+        self._error_log(
+            logging.ERROR,
+            f"{safe_repr(self)}: dropped {safe_repr(item)}: it failed to encode: {safe_repr(exc)}",
+            exc,
+        )
+
+    def _socket_closed(self) -> bool:
+        return bool(self._owned.socket.closed)
+
+    def _send_failed(self, exc: Exception) -> None:
+        """A socket error: refuse from now on; what is still queued is still sent."""
+        self._error_log(
+            logging.ERROR,
+            f"{safe_repr(self)}: sending failed ({safe_repr(exc)}); the run being sent is "
+            "lost and publish() refuses from now on",
+            exc,
+        )
+        if self._failure is None:
+            self._failure = exc
+        self._set_state(_State.FAILED, only_from=_OPEN)
+
+    def _set_state(self, state: _State, only_from: _State | tuple[_State, ...]) -> bool:
+        with self._state_lock:
+            allowed = only_from if isinstance(only_from, tuple) else (only_from,)
+            if self._state not in allowed:
+                return False
+            self._state = state
+            return True
+
+    def _refusal(self, what: str) -> RuntimeError:
+        exc = RuntimeError(f"{what} on {self._state.value} {self!r}")
+        exc.__cause__ = self._failure
+        return exc
+
+    async def flush(self, timeout: float | None = None) -> None:
+        if self._state in (_State.CLOSING, _State.CLOSED):
+            raise self._refusal("flush()")
+        target = self._published
+        self._send_now()
+        if self._step.handled >= target:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._flush_waiters.append((target, loop, done))
+        self._writer.want()  # it settles waiters under the send lock, this one included
+        await _aio.wait(done, timeout, lambda: f"{self!r}: flush not done within {timeout} s")
+
+    async def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> None:
+        """Return once ``count`` subscriptions reached this publisher; ``TimeoutError`` otherwise.
+
+        It counts subscriptions, not subscribers: each topic a subscriber subscribes to is
+        one (the default, every topic, is one). After this returns, items published reach
+        those subscribers: no sleep is needed against ZMQ's slow-joiner problem.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = 0.001
+        while True:
+            if self._state in (_State.CLOSING, _State.CLOSED):
+                raise RuntimeError(
+                    f"{self!r} closed with {self._step.subscriptions} of {count} subscriptions"
+                )
+            if self.subscriptions >= count:
+                return
+            remaining = delay if deadline is None else deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{self!r}: {self._step.subscriptions} of {count} subscriptions within "
+                    f"{timeout} s"
+                )
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(2 * delay, 0.02)
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions currently known to this publisher (read from the socket if it is
+        free; see :meth:`wait_for_subscribers`)."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                if not self._owned.socket.closed:
+                    self._step.read_subscriptions()
+            finally:
+                self._send_lock.release()
+        return self._step.subscriptions
+
+    def close(self, timeout: float | None = None) -> None:
+        """Send everything pending, then close the socket; idempotent and thread-safe.
+
+        Delivery waits up to ``linger`` ms (``-1``: until delivered), and at most ``timeout``
+        seconds when given: whatever happens in the send step, ``close`` returns by then.
+        """
+        if not self._set_state(_State.CLOSING, only_from=(_OPEN, _State.FAILED)):
+            return
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+        def remaining() -> float:
+            return -1 if deadline is None else max(0.0, deadline - time.monotonic())
+
+        try:
+            if not self._writer.stop(None if deadline is None else remaining()):
+                logger.error("%s: the writer thread did not end in time", safe_repr(self))
+            if not self._send_lock.acquire(timeout=remaining()):
+                logger.error("%s: the socket stayed busy; not closed", safe_repr(self))
+                return
+            try:
+                self._send_locked()
+                linger = self._linger
+                if deadline is not None:
+                    budget = int(remaining() * 1000)
+                    linger = budget if linger < 0 else min(linger, budget)
+                self._owned.close(linger)
+            finally:
+                self._send_lock.release()
+        finally:
+            self._set_state(_State.CLOSED, only_from=_State.CLOSING)
+            self._settle_flushes(closed=True)
+            _live_publishers.discard(self)
+
+
+def _bad_topic(codec: object, item: object, topic: object) -> Exception:
+    if not isinstance(topic, bytes):
+        return TypeError(
+            f"{safe_repr(codec)} gave {safe_repr(item)} the topic {safe_repr(topic)} of type "
+            f"{type(topic).__name__}; topics are bytes (use make_topic)"
+        )
+    return ValueError(
+        f"{safe_repr(codec)} gave {safe_repr(item)} the topic {topic!r} of {len(topic)} bytes; "
+        f"topics must be exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
+    )

@@ -1,0 +1,280 @@
+"""Who sends: the publisher's :class:`Dispatcher` and its :class:`Writer` thread.
+
+Inside a running event loop, the loop sends: an idle item at once, the rest of a loop turn
+together from one ``call_soon`` callback, and inline whenever a full message's worth is queued.
+A thread without an event loop sends an item at once when it publishes after a pause; a burst
+it batches itself, and the writer sends the burst's tail if the thread does not come back for
+it. The writer also sends what a blocked or closed loop leaves queued. How a run becomes a
+message is :mod:`~wirebus.transport._sendstep`'s business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import math
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from wirebus import _aio
+from wirebus.transport._base import RateLimitedLog, safe_repr
+from wirebus.transport._sendstep import Entry, SendStep
+
+_TICK = 0.02  # s: how often a ticking writer looks for a stalled queue
+
+
+# A thread without an event loop is in a burst when it publishes within this many seconds of
+# its last send: the writer batches what follows, unless it is slower than this to come.
+_BURST_GAP = 50e-6
+# How long the writer leaves the tail of a loop-less burst to the publishing thread (s).
+_WRITER_DELAY = 0.001
+
+
+class _Due(enum.Enum):
+    """Who is due to send what ``publish()`` queued (beyond a full message, sent at once)."""
+
+    NOBODY = "nobody"
+    LOOP = "the publishing event loop, from a call_soon callback"
+    WRITER = "the writer thread, woken for a thread without an event loop"
+
+
+LOOP = _Due.LOOP
+
+
+class Writer:
+    """The publisher's writer thread.
+
+    It sleeps until :meth:`want` asks it to send: at once (a flush), or ``after`` a delay (the
+    tail of a burst from a thread without an event loop, which that thread sends itself if it
+    publishes again first). While :meth:`start_ticking` has it ticking, it also wakes every
+    ``_TICK`` s to look for a stalled queue: items queued and nothing sent for a whole tick, as
+    when the loop that was to send them is blocked or closed. It takes the send lock only for
+    a queue nobody else sends, never on a tick that finds the publishing thread at work: a
+    thread that holds the GIL while it busy-waits would otherwise find the lock taken by a
+    writer waiting for that GIL. It stops ticking after a tick with nothing queued and nothing
+    sent, and then calls ``idle``: a loop that scheduled a send and blocked before it ran must
+    not keep the publisher from scheduling anew.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        send: Callable[[], None],
+        queue: collections.deque[Entry],
+        progress: Callable[[], int],
+        idle: Callable[[], None],
+    ) -> None:
+        self._send = send
+        self._idle = idle
+        self._queue = queue
+        self._progress = progress
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wanted = False
+        self._wanted_at: float | None = None  # time.monotonic() of a delayed want
+        self._sleeping = False
+        self._stopping = False
+        self.ticking = False
+        self._error_log = RateLimitedLog()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def want(self, after: float = 0.0) -> None:
+        """Have the writer send the queue, at once or ``after`` seconds from now."""
+        if after <= 0:
+            self._wanted = True
+        elif self._wanted_at is None:
+            self._wanted_at = time.monotonic() + after
+        self._wake()
+
+    def start_ticking(self) -> None:
+        self.ticking = True
+        self._wake()
+
+    def stop(self, timeout: float | None) -> bool:
+        """End the thread (within ``timeout``); True when it ended. Closes the wake pipe."""
+        self._stopping = True
+        self._sleeping = True  # wake it whatever it believes
+        self._wake()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return True
+
+    def _wake(self) -> None:
+        if self._sleeping:
+            self._sleeping = False
+            with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
+                os.write(self._wake_w, b"\0")
+
+    def _sleep(self, poller: select.poll, next_tick: float) -> None:
+        """Sleep until woken, the next tick (if ticking) or a delayed want is due."""
+        self._sleeping = True
+        if not self._wanted:
+            wake_at = next_tick if self.ticking else math.inf
+            if self._wanted_at is not None:
+                wake_at = min(wake_at, self._wanted_at)
+            timeout = None
+            if wake_at != math.inf:
+                timeout = max(0, math.ceil((wake_at - time.monotonic()) * 1000))
+            poller.poll(timeout)
+            _drain(self._wake_r)
+        self._sleeping = False
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        progress_at_tick = -1
+        next_tick = time.monotonic() + _TICK
+        while True:
+            self._sleep(poller, next_tick)
+            if self._stopping:
+                return
+            now = time.monotonic()
+            send = self._wanted
+            if send:  # cleared only once seen: what was queued before it is sent below
+                self._wanted = False
+            wanted_at = self._wanted_at
+            if wanted_at is not None and now >= wanted_at:
+                self._wanted_at = None
+                send = True
+            ticked = self.ticking and now >= next_tick
+            if ticked:
+                next_tick = now + _TICK
+                moved = self._progress() != progress_at_tick
+                send = send or (not moved and bool(self._queue))
+            if send:
+                try:
+                    self._send()
+                except Exception as exc:  # the sender logs its own; this is a bug's last net
+                    self._error_log(logging.ERROR, f"{self.thread.name}: {safe_repr(exc)}", exc)
+            if ticked:
+                progress_at_tick = self._progress()
+                if not moved and not self._queue:
+                    self.ticking = False
+                    self._idle()
+                    if self._queue:  # queued meanwhile, and its sender may have seen True
+                        self.ticking = True
+            elif not self.ticking:
+                next_tick = now + _TICK
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+class Dispatcher:
+    """Who sends what ``publish()`` queued: the half of a publisher that owns the queue, the
+    send lock, the writer thread and the send step.
+
+    The publisher's ``publish()`` appends ``(topic, item)`` entries to :attr:`_queue` and
+    calls :meth:`_send_now` (a full message queued) or :meth:`_schedule` (nobody due yet).
+    Whoever holds the send lock sends until the queue is empty, and after releasing it looks
+    at the queue again, so nothing is ever left behind by a lock another thread held.
+    """
+
+    def _start_dispatch(self, step: SendStep[Any], name: str) -> None:
+        self._queue: collections.deque[Entry] = collections.deque()
+        self._step = step
+        # Whoever holds the send lock owns the socket: it sends and reads subscriptions.
+        self._send_lock = threading.Lock()
+        self._due = _Due.NOBODY
+        self._deferred_at = 0.0  # when the writer was last woken for a loop-less burst
+        self._last_inline = 0.0  # when a loop-less publish() last sent at once
+        self._flush_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._writer = Writer(
+            name, self._send_from_writer, self._queue, lambda: step.messages, self._forget_schedule
+        )
+
+    def _socket_closed(self) -> bool:
+        raise NotImplementedError
+
+    def _send_failed(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+    def _schedule(self) -> None:
+        """Have the queue sent soon: by the caller's event loop if it has one; else at once
+        after a pause, or by the writer during a burst (or by this thread, should the writer
+        be slower than ``_BURST_GAP`` to come, as when this thread holds the GIL)."""
+        if self._due is _Due.WRITER:
+            now = time.perf_counter()
+            if now - self._deferred_at > _BURST_GAP:
+                self._deferred_at = now
+                self._send_now()
+            return
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            self._due = LOOP
+            loop.call_soon(self._send_scheduled)
+            if len(self._queue) == 1:  # idle: send this one now, batch the rest of this turn
+                self._send_now()
+            if not self._writer.ticking:  # it sends what a blocked or closed loop leaves
+                self._writer.start_ticking()
+            return
+        now = time.perf_counter()
+        if len(self._queue) == 1 and now - self._last_inline > _BURST_GAP:
+            self._last_inline = now
+            self._send_now()
+        else:  # a burst: batched by this thread's next publish() or, failing that, the writer
+            self._due = _Due.WRITER
+            self._deferred_at = now
+            self._writer.want(after=_WRITER_DELAY)
+
+    def _forget_schedule(self) -> None:
+        self._due = _Due.NOBODY
+
+    def _send_scheduled(self) -> None:
+        self._due = _Due.NOBODY
+        self._send_now()
+
+    def _send_from_writer(self) -> None:
+        self._due = _Due.NOBODY  # a loop's callback may never run: the next publish schedules
+        if self._queue or self._flush_waiters:
+            with self._send_lock:
+                self._send_locked()
+            self._send_now()
+
+    def _send_now(self) -> None:
+        """Send the queue from this thread unless another holds the send lock; that one looks
+        at the queue again once it has released the lock, so nothing is left behind."""
+        queue, lock = self._queue, self._send_lock
+        while queue and lock.acquire(blocking=False):
+            try:
+                self._send_locked()
+            finally:
+                lock.release()
+
+    def _send_locked(self) -> None:
+        if self._socket_closed():
+            return
+        queue = self._queue
+        while queue:
+            try:
+                self._step.send(queue)
+            except Exception as exc:
+                self._send_failed(exc)
+        if self._flush_waiters:
+            self._settle_flushes()
+
+    def _settle_flushes(self, closed: bool = False) -> None:
+        handled = self._step.handled
+        for waiter in list(self._flush_waiters):
+            target, loop, done = waiter
+            if handled >= target:
+                _aio.resolve_threadsafe(loop, done)
+            elif closed:
+                message = f"{self!r} closed with {target - handled} item(s) of a flush unsent"
+                _aio.resolve_threadsafe(loop, done, RuntimeError(message))
+            else:
+                continue
+            self._flush_waiters.remove(waiter)
