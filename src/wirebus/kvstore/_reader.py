@@ -110,6 +110,96 @@ def _check_percent(q: object) -> float:
     return value
 
 
+class _SeriesBlock:
+    """A series block as a reader finds it: its summary words, and its segments, found through
+    the segment tables with every pointer checked."""
+
+    __slots__ = ("_block", "_chunk", "_chunks", "_name")
+
+    def __init__(self, chunks: _Chunks, name: str, chunk: MappedChunk, block: int) -> None:
+        self._chunks = chunks
+        self._name = name
+        self._chunk = chunk
+        self._block = block
+
+    def summary_copy(self) -> bytes:
+        """A copy of the published summary's words."""
+        return layout.summary_bytes(self._chunk.raw, self._block)
+
+    def published_count(self) -> int:
+        """The published count (a hint: not validated)."""
+        return layout.published_count(self._chunk.words, self._block)
+
+    def histogram_segment(self, k: int) -> tuple[MappedChunk, int] | None:
+        """The chunk and first word of histogram segment ``k``; ``None`` if not there yet."""
+        return self._segment_at(
+            layout.histogram_segment,
+            k,
+            layout.histogram_segment_capacity,
+            layout.ENTRY_BYTES,
+            "histogram",
+        )
+
+    def value_segment(self, i: int) -> tuple[memoryview[int], int, int] | None:
+        """Where value ``i`` lives: the chunk's words, the word index of value ``i`` and of the
+        end of its segment; ``None`` if its segment is not allocated (or visible) yet."""
+        k = bisect_right(layout.VALUE_SEGMENT_START, i) - 1
+        if k >= layout.VALUE_SEGMENTS:
+            return None
+        located = self._segment_at(
+            layout.value_segment, k, layout.value_segment_capacity, layout.VALUE_BYTES, "value"
+        )
+        if located is None:
+            return None
+        mapping, first = located
+        base = first - layout.VALUE_SEGMENT_START[k]
+        return mapping.words, base + i, base + layout.VALUE_SEGMENT_START[k + 1]
+
+    def _segment_at(
+        self,
+        pointer_of: Callable[[memoryview[int], int, int], int],
+        k: int,
+        capacity: Callable[[int], int],
+        entry_bytes: int,
+        what: str,
+    ) -> tuple[MappedChunk, int] | None:
+        """The chunk and first word of segment ``k`` of a segment table; ``None`` if it is not
+        allocated (or visible) yet. The writer allocates segments in order, each after the
+        last, so a pointer that overlaps the previous segment is corruption."""
+        words = self._chunk.words
+        pointer = pointer_of(words, self._block, k)
+        if not pointer:
+            return None
+        if k:
+            previous = pointer_of(words, self._block, k - 1)
+            if not previous:
+                return None
+            if pointer < previous + capacity(k - 1) * entry_bytes:
+                raise KVStoreError(
+                    f"corrupt store {self._chunks.path!r}: series {self._name!r} {what} "
+                    f"segment {k} at {pointer} overlaps segment {k - 1} at {previous}"
+                )
+        return self._chunks.locate(
+            pointer, capacity(k) * entry_bytes, f"series {self._name!r} {what} segment {k}"
+        )
+
+    def words(self, start: int, stop: int) -> list[int]:
+        """The stored words of values [start, stop), up to the first one not written yet."""
+        out: list[int] = []
+        while start < stop:
+            where = self.value_segment(start)
+            if where is None:
+                break
+            view, first, end = where
+            words = view[first : min(end, first + stop - start)].tolist()
+            if 0 in words:
+                out += words[: words.index(0)]
+                break
+            out += words
+            start += len(words)
+        return out
+
+
 class SeriesView:
     """A live, read-only view of one series, from :meth:`KVStoreReader.series`.
 
@@ -119,14 +209,13 @@ class SeriesView:
     """
 
     __slots__ = (
-        "_block",
         "_chunks",
+        "_data",
         "_histogram",
         "_name",
         "_probe",
         "_published",
         "_published_copy",
-        "_series_chunk",
         "_stats",
         "_tail",
     )
@@ -134,8 +223,7 @@ class SeriesView:
     def __init__(self, chunks: _Chunks, name: str, series_chunk: MappedChunk, block: int) -> None:
         self._chunks = chunks
         self._name = name
-        self._series_chunk = series_chunk
-        self._block = block
+        self._data = _SeriesBlock(chunks, name, series_chunk, block)
         self._published_copy = b""
         self._published = _Published(0, 0, 0.0, math.inf, -math.inf, {})
         self._histogram = Histogram({})
@@ -206,70 +294,11 @@ class SeriesView:
         if not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be a non-negative int, got {start!r}")
         self._chunks.check_open()
-        hint = layout.published_count(self._series_chunk.words, self._block) + BATCH
-        return layout.decode_values(self._words(start, hint))
+        hint = self._data.published_count() + BATCH
+        return layout.decode_values(self._data.words(start, hint))
 
     def __repr__(self) -> str:
         return f"<SeriesView {self._name!r} of reader {self._chunks.path!r}>"
-
-    def _segment(self, i: int) -> tuple[memoryview[int], int, int] | None:
-        """Where value ``i`` lives: the chunk's words, the word index of value ``i`` and of the
-        end of its segment; ``None`` if its segment is not allocated (or visible) yet."""
-        k = bisect_right(layout.VALUE_SEGMENT_START, i) - 1
-        if k >= layout.VALUE_SEGMENTS:
-            return None
-        located = self._segment_at(
-            layout.value_segment, k, layout.value_segment_capacity, layout.VALUE_BYTES, "value"
-        )
-        if located is None:
-            return None
-        mapping, first = located
-        base = first - layout.VALUE_SEGMENT_START[k]
-        return mapping.words, base + i, base + layout.VALUE_SEGMENT_START[k + 1]
-
-    def _segment_at(
-        self,
-        pointer_of: Callable[[memoryview[int], int, int], int],
-        k: int,
-        capacity: Callable[[int], int],
-        entry_bytes: int,
-        what: str,
-    ) -> tuple[MappedChunk, int] | None:
-        """The chunk and first word of segment ``k`` of a segment table; ``None`` if it is not
-        allocated (or visible) yet. The writer allocates segments in order, each after the
-        last, so a pointer that overlaps the previous segment is corruption."""
-        words = self._series_chunk.words
-        pointer = pointer_of(words, self._block, k)
-        if not pointer:
-            return None
-        if k:
-            previous = pointer_of(words, self._block, k - 1)
-            if not previous:
-                return None
-            if pointer < previous + capacity(k - 1) * entry_bytes:
-                raise KVStoreError(
-                    f"corrupt store {self._chunks.path!r}: series {self._name!r} {what} "
-                    f"segment {k} at {pointer} overlaps segment {k - 1} at {previous}"
-                )
-        return self._chunks.locate(
-            pointer, capacity(k) * entry_bytes, f"series {self._name!r} {what} segment {k}"
-        )
-
-    def _words(self, start: int, stop: int) -> list[int]:
-        """The stored words of values [start, stop), up to the first one not written yet."""
-        out: list[int] = []
-        while start < stop:
-            where = self._segment(start)
-            if where is None:
-                break
-            view, first, end = where
-            words = view[first : min(end, first + stop - start)].tolist()
-            if 0 in words:
-                out += words[: words.index(0)]
-                break
-            out += words
-            start += len(words)
-        return out
 
     def _read(self) -> _Stats:
         self._chunks.check_open()
@@ -282,8 +311,7 @@ class SeriesView:
 
     def _read_published(self) -> _Published:
         """The last summary the writer committed, validated against its check word."""
-        raw = self._series_chunk.raw
-        copied = layout.summary_bytes(raw, self._block)
+        copied = self._data.summary_copy()
         if copied == self._published_copy:
             return self._published
         for _ in range(_READ_ATTEMPTS):
@@ -291,7 +319,7 @@ class SeriesView:
             if published is not None:
                 break
             os.sched_yield()
-            copied = layout.summary_bytes(raw, self._block)
+            copied = self._data.summary_copy()
         else:
             published = self._recount()
         self._published_copy, self._published = copied, published
@@ -310,13 +338,7 @@ class SeriesView:
         while read < entries:
             if k == layout.HISTOGRAM_SEGMENTS:
                 return None
-            located = self._segment_at(
-                layout.histogram_segment,
-                k,
-                layout.histogram_segment_capacity,
-                layout.ENTRY_BYTES,
-                "histogram",
-            )
+            located = self._data.histogram_segment(k)
             if located is None:
                 return None
             mapping, first = located
@@ -347,7 +369,7 @@ class SeriesView:
         while committing it)."""
         total = Tail()
         buckets: collections.Counter[int] = collections.Counter()
-        total.add(self._words(0, layout.VALUE_SEGMENT_START[-1]), buckets.update)
+        total.add(self._data.words(0, layout.VALUE_SEGMENT_START[-1]), buckets.update)
         return _Published(total.n, total.nan, total.sum, total.min, total.max, dict(buckets))
 
     def _read_tail(self, published: int) -> Tail:
@@ -358,7 +380,7 @@ class SeriesView:
         where = self._probe[1:] if self._probe is not None and self._probe[0] == start else None
         step = 64
         while start < stop:
-            where = where or self._segment(start)
+            where = where or self._data.value_segment(start)
             if where is None:
                 break
             view, first, end = where
