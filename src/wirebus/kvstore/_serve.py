@@ -46,7 +46,10 @@ class MetricsServer(Resource):
         self.host = host
         self.port = self._server.server_port
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"wirebus-metrics-{self.port}", daemon=True
+            target=self._server.serve_forever,
+            args=(0.1,),  # how often it looks for close(): close() waits at most that long
+            name=f"wirebus-metrics-{self.port}",
+            daemon=True,
         )
         self._thread.start()
 
