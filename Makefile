@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 # python3's own pip installs into the venv when it can (pip >= 22.3: --python): giving the venv
 # a pip of its own (ensurepip) takes 8-15 s on a 2-core machine, longer than the whole install.
 # Where python3 has no such pip, the venv gets its own after all.
-ifeq ($(shell python3 -m pip --python python3 --version >/dev/null 2>&1 && echo yes),yes)
+ifeq ($(shell python3 -m pip --python "$$(command -v python3)" --version >/dev/null 2>&1 && echo yes),yes)
 VENV_ARGS := --without-pip
 PIP       := python3 -m pip --python $(PYTHON)
 else
