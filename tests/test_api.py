@@ -122,3 +122,16 @@ def test_doc_example_runs(example: str, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_make_demo_installs_the_runtime_deps_and_rich() -> None:
+    """``make demo`` lists its dependencies itself (it does not build wirebus): they are
+    pyproject's runtime dependencies and the tui extra, nothing more, nothing less."""
+    import tomllib
+
+    project = tomllib.loads(DOCS.parent.joinpath("pyproject.toml").read_text())["project"]
+    makefile = DOCS.parent.joinpath("Makefile").read_text()
+    demo_deps = re.search(r"^DEMO_DEPS := (.*)$", makefile, re.MULTILINE)
+    assert demo_deps is not None
+    expected = project["dependencies"] + project["optional-dependencies"]["tui"]
+    assert sorted(demo_deps.group(1).split()) == sorted(expected)
