@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import wirebus
+from _support import Tick, wait_until
 from wirebus import (
     EventRecord,
     MsgspecCodec,
@@ -97,10 +98,7 @@ def test_stopping_the_demo_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
     assert proc.returncode == 130
     assert "interrupted" in err
     assert "Traceback" not in err
-    deadline = time.monotonic() + 10
-    while _demo_leftovers() and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling for exits, with a deadline
-    assert _demo_leftovers() == []
+    wait_until(lambda: not _demo_leftovers(), "the demo's services and store to go", 10)
 
 
 @pytest.mark.parametrize(
@@ -176,10 +174,6 @@ def test_kv_show_table_and_prometheus(tmp_path: Path) -> None:
 
 
 # -- tail on any bus, --version, bench, bad input ---------------------------------------------
-
-
-class Tick(msgspec.Struct):
-    seq: int
 
 
 class _BytesCodec:
