@@ -163,13 +163,9 @@ def _seconds(text: str) -> float:
 
 def _count(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return int(text)
 
 
 def _load_codec(spec: str) -> MessageCodec[Any]:
@@ -225,10 +221,11 @@ def _tail(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _fail(str(exc), _USAGE_ERROR)
     codec: MessageCodec[Any]
+    what: str | None = None  # the built-in type expected, for a hint when the bus carries another
     if args.codec:
-        codec, what = _load_codec(args.codec), args.codec
+        codec = _load_codec(args.codec)
     elif args.raw:
-        codec, what = _RawCodec(), "msgpack"
+        codec = _RawCodec()
     elif args.snapshots:
         codec, what = MetricsSnapshotCodec(), "metrics snapshots"
     else:
@@ -258,7 +255,7 @@ def _tail(args: argparse.Namespace) -> int:
                         )
                         said_waiting = True
                     continue
-                if subscriber.stats.decode_errors and not said_not_decoding:
+                if what and subscriber.stats.decode_errors and not said_not_decoding:
                     print(
                         f"wirebus tail: messages on {args.address} do not decode as {what}: "
                         "--raw shows any msgpack bus, --codec pkg.module:Class decodes your type",
