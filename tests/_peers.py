@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from wirebus import TOPIC_FRAME_SIZE, EventRecord, EventRecordCodec, SampleEventType
-from wirebus.transport import WIRE_VERSION, ZmqMessagePublisher
+from wirebus.transport import ZmqMessagePublisher
 
 
 class Peer:
@@ -113,26 +115,52 @@ def stdin_says_stop() -> threading.Event:
     return stop
 
 
-def build_frame(topic: bytes, publisher_id: int, first_seq: int, payloads: list[bytes]) -> bytes:
-    """Build one message exactly as docs/wire-format.md describes, by hand."""
+# The oracle: the wire format written by hand from docs/wire-format.md, independent of
+# wirebus.transport._wire on purpose (its numbers are the document's, not imported), so that a
+# change to the library's encoder that breaks the documented format fails the tests.
+_VERSION = 2
+_FLAG_RUN = 0x01
+
+
+def _msgpack_array_header(n: int) -> bytes:
+    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+
+
+def build_frame(
+    topic: bytes,
+    publisher_id: int,
+    first_seq: int,
+    payloads: list[bytes],
+    *,
+    run: bool = False,
+    version: int = _VERSION,
+) -> bytes:
+    """Build one message exactly as docs/wire-format.md describes, by hand: the table form,
+    or with ``run`` the run form (one msgpack array of the payloads)."""
     header = (
-        bytes([WIRE_VERSION, 0])
+        bytes([version, _FLAG_RUN if run else 0])
         + (0).to_bytes(2, "little")
         + len(payloads).to_bytes(4, "little")
         + publisher_id.to_bytes(8, "little")
         + first_seq.to_bytes(8, "little")
     )
+    if run:
+        return topic + header + _msgpack_array_header(len(payloads)) + b"".join(payloads)
     lengths = b"".join(len(p).to_bytes(4, "little") for p in payloads)
     return topic + header + lengths + b"".join(payloads)
 
 
 def parse_frame(frame: bytes) -> tuple[bytes, int, int, list[bytes]]:
-    """Parse one message exactly as docs/wire-format.md describes, by hand."""
+    """Parse one message exactly as docs/wire-format.md describes, by hand (either form)."""
     topic, rest = frame[:TOPIC_FRAME_SIZE], frame[TOPIC_FRAME_SIZE:]
-    assert rest[0] == WIRE_VERSION
+    assert rest[0] in (1, _VERSION), rest[0]
     count = int.from_bytes(rest[4:8], "little")
     publisher_id = int.from_bytes(rest[8:16], "little")
     first_seq = int.from_bytes(rest[16:24], "little")
+    if rest[1] & _FLAG_RUN:
+        elements = msgspec.msgpack.decode(rest[24:], type=list[msgspec.Raw])
+        assert len(elements) == count
+        return topic, publisher_id, first_seq, [bytes(e) for e in elements]
     lengths = [int.from_bytes(rest[24 + 4 * i : 28 + 4 * i], "little") for i in range(count)]
     offset, payloads = 24 + 4 * count, []
     for length in lengths:

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import zmq
 
-from wirebus import _paths, transport
+from wirebus import _paths
+from wirebus.transport._publisher import close_live_publishers
 
 pytest_plugins = ["pytester"]
 
@@ -80,7 +81,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     gc.collect()
     leaked_threads = [t.name for t in threading.enumerate() if t not in threads]
     if leaked_threads:  # stop leaked publishers' writers, so the next test does not fail too
-        transport._close_live_publishers()
+        close_live_publishers()
     assert not leaked_threads, f"{request.node.nodeid} left threads {leaked_threads}"
     leaked_children = _children() - children
     assert not leaked_children, f"{request.node.nodeid} left child processes {leaked_children}"

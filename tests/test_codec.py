@@ -19,7 +19,7 @@ from wirebus import (
     TextModelOutput,
     make_topic,
 )
-from wirebus.codec import check_codec
+from wirebus.codec import check_codec, run_decoder_of, run_encoding_of
 from wirebus.record import ERROR_TOPIC, SAMPLE_TOPIC, SESSION_TOPIC
 
 
@@ -157,23 +157,57 @@ def test_any_event_record_round_trips(record: EventRecord) -> None:
     assert codec.decode(payload) == record
 
 
-def test_concatenated_decoder_decodes_payloads_laid_end_to_end() -> None:
+def test_a_run_encodes_and_decodes_in_one_call_as_one_msgpack_array() -> None:
     codec = MsgspecCodec(Tick, topic="tick")
-    decode_many = codec.concatenated_decoder()
-    assert decode_many is not None
+    encoding, decode_run = run_encoding_of(codec), run_decoder_of(codec)
+    assert encoding is not None
+    assert decode_run is not None
     for count in (1, 15, 16, 128):
-        payloads = b"".join(codec.encode(Tick(i))[1] for i in range(count))
-        assert decode_many(payloads, count) == [Tick(i) for i in range(count)]
+        ticks = [Tick(i) for i in range(count)]
+        body = encoding.encode(ticks)
+        assert decode_run(body) == ticks
+        # each element is exactly the payload encode() gives: a peer may split the array
+        elements = msgspec.msgpack.decode(body, type=list[msgspec.Raw])
+        assert [bytes(e) for e in elements] == [codec.encode(t)[1] for t in ticks]
     records = [EventRecord(SampleEventType.CHUNK, timestamp_ns=i) for i in range(20)]
     event_codec = EventRecordCodec()
-    decode_records = event_codec.concatenated_decoder()
+    event_encoding, decode_records = run_encoding_of(event_codec), run_decoder_of(event_codec)
+    assert event_encoding is not None
     assert decode_records is not None
-    assert decode_records(b"".join(event_codec.encode(r)[1] for r in records), 20) == records
+    assert decode_records(event_encoding.encode(records)) == records
+    assert event_encoding.topic(records[0]) == SampleEventType.CHUNK.topic
 
 
-def test_concatenated_decoder_steps_aside_for_an_overridden_decode() -> None:
+def test_run_encoding_steps_aside_for_an_overridden_encode_or_decode() -> None:
     class Doubling(MsgspecCodec[Tick]):
         def decode(self, payload: bytes | memoryview) -> Tick:
             return Tick(super().decode(payload).seq * 2)
 
-    assert Doubling(Tick, topic="tick").concatenated_decoder() is None
+    class Shouting(MsgspecCodec[Tick]):
+        def encode(self, item: Tick) -> tuple[bytes, bytes]:
+            return super().encode(Tick(item.seq + 1))
+
+    assert run_decoder_of(Doubling(Tick, topic="tick")) is None
+    assert run_encoding_of(Doubling(Tick, topic="tick")) is not None
+    assert run_encoding_of(Shouting(Tick, topic="tick")) is None
+    assert run_decoder_of(Shouting(Tick, topic="tick")) is not None
+
+
+class Quote(msgspec.Struct, tag="quote"):
+    bid: float
+
+
+class Trade(msgspec.Struct, tag="trade"):
+    price: float
+
+
+def test_a_union_of_tagged_structs_is_one_codec_with_a_repr_that_works() -> None:
+    """Two message types on one socket: the natural way, and its repr must not raise."""
+    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")  # type: ignore[arg-type]
+    assert "Quote" in repr(codec)
+    assert "Trade" in repr(codec)
+    for item in (Quote(1.0), Trade(2.0)):
+        assert codec.decode(codec.encode(item)[1]) == item
+        assert codec.topic(item) == make_topic("market")
+    with pytest.raises(TypeError, match=r"got Tick: Tick\(seq=1"):
+        codec.topic(Tick(1))  # type: ignore[arg-type]

@@ -19,19 +19,22 @@ import pytest
 from _support import wait_until_async
 from wirebus import _paths
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
-from wirebus.launcher import ServiceContext, ServiceLauncher, ServiceSpec
+from wirebus.launcher import ServiceLauncher, ServiceSpec
+from wirebus.service import ServiceContext
 
 PY = sys.executable
 
 SERVICE = '''
 import asyncio, os, signal, subprocess, sys, time
-from wirebus.launcher import run_service
+from wirebus.service import run_service
 from wirebus.ready import notify_ready, send_ready_signal
 
 MODE = sys.argv[1]
 GRANDCHILD = """
-import signal, sys
-if sys.argv[1] == "ignore":
+import os, signal, sys
+if "setsid" in sys.argv[1]:
+    os.setsid()
+if "ignore" in sys.argv[1]:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 print("up", flush=True)
 while True:
@@ -63,6 +66,13 @@ async def main(service):
             send_ready_signal(service.ready_address, service.name, token="stale-token")
         if MODE == "intruder":
             send_ready_signal(service.ready_address, "intruder", token=service.token)
+        await service.stopped()
+        return
+    if MODE == "spoof":
+        evil = {"address": "tcp://evil:1"}
+        send_ready_signal(service.ready_address, "b", evil, token=service.token)
+    if MODE == "notify":
+        notify_ready({"via": "notify_ready"})
         await service.stopped()
         return
     info = {
@@ -99,7 +109,7 @@ from wirebus.launcher import ServiceLauncher, ServiceSpec
 async def main():
     launcher = ServiceLauncher(ready_timeout=30, stop_timeout=1)
     specs = [ServiceSpec("a", [sys.executable, sys.argv[1], "ok"]),
-             ServiceSpec("g", [sys.executable, sys.argv[1], "grandchild-term"]),
+             ServiceSpec("g", [sys.executable, sys.argv[1], "grandchild-setsid-term"]),
              ServiceSpec("p", [sys.executable, sys.argv[1], "ignore-term"])]
     ready = await launcher.start(specs[:int(sys.argv[2])])
     pids = list(launcher.pids.values()) + [ready["g"].info["grandchild"]]
@@ -187,7 +197,7 @@ async def test_three_services_report_ready_with_info(service: Service, tmp_path:
             assert signal_.identity == name
             assert signal_.pid == pids[name] == signal_.info["pid"]
             assert signal_.info["stdin"] == "/dev/null"
-            assert signal_.info["wirebus_env"] == []
+            assert signal_.info["wirebus_env"] == ["WIREBUS_LAUNCH"]  # the launch marker
         assert ready["logger"].info["foo"] == "bar"
         assert ready["metrics"].info["cwd"] == str(tmp_path)
         assert _still_running(pids.values(), 0) == set(pids.values())
@@ -274,7 +284,10 @@ async def test_sigterm_ignoring_services_are_killed_at_one_total_deadline(
     assert await launcher.stop() == codes
 
 
-@pytest.mark.parametrize(("how", "slow"), [("term", False), ("ignore", True)])
+@pytest.mark.parametrize(
+    ("how", "slow"),
+    [("term", False), ("ignore", True), ("setsid-term", False), ("setsid-ignore", True)],
+)
 async def test_stop_ends_the_services_own_children(service: Service, how: str, slow: bool) -> None:
     async with ServiceLauncher() as launcher:
         ready = await launcher.start([service("gc", f"grandchild-{how}")])
@@ -286,6 +299,52 @@ async def test_stop_ends_the_services_own_children(service: Service, how: str, s
     assert codes == {"gc": 0}
     assert _still_running([grandchild], 2) == set()
     assert (elapsed >= 1.0) is slow
+
+
+async def test_stop_ends_a_new_session_left_behind_by_a_service_that_died(
+    service: Service,
+) -> None:
+    async with ServiceLauncher() as launcher:
+        ready = await launcher.start([service("gc", "grandchild-setsid-ignore")])
+        grandchild = ready["gc"].info["grandchild"]
+        os.kill(launcher.pids["gc"], signal.SIGKILL)
+        assert _still_running([launcher.pids["gc"]], 10) == set()
+        assert _still_running([grandchild], 0) == {grandchild}
+        codes = await launcher.stop(timeout=1.0)
+    assert codes == {"gc": -signal.SIGKILL}
+    assert _still_running([grandchild], 2) == set()
+
+
+async def test_a_service_cannot_report_ready_for_another(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    launcher = ServiceLauncher(ready_timeout=3)
+    with (
+        caplog.at_level(logging.WARNING, logger="wirebus.ready"),
+        pytest.raises(ReadyTimeoutError) as info,
+    ):
+        await launcher.start([service("a", "spoof"), service("b", "never")])
+    assert info.value.missing == ["b"]
+    assert any("'b'" in record.getMessage() for record in caplog.records)
+
+
+async def test_notify_ready_works_inside_run_service(service: Service) -> None:
+    async with ServiceLauncher(ready_timeout=10) as launcher:
+        ready = await launcher.start([service("n", "notify")])
+        assert ready["n"].info == {"via": "notify_ready"}
+        assert ready["n"].pid == launcher.pids["n"]
+
+
+async def test_every_spec_is_checked_before_anything_is_spawned(
+    service: Service, tmp_path: Path
+) -> None:
+    launcher = ServiceLauncher()
+    with pytest.raises(ServiceStartupError, match="cwd") as info:
+        await launcher.start([service("a"), service("b", cwd=tmp_path / "missing")])
+    assert info.value.name == "b"
+    assert str(tmp_path / "missing") in str(info.value)
+    assert launcher.pids == {}
+    assert await launcher.stop() == {}
 
 
 def _children_of(pid: int) -> set[int]:
@@ -310,10 +369,11 @@ def test_services_end_when_the_launching_process_is_killed(
 ) -> None:
     script = tmp_path / "service.py"
     script.write_text(SERVICE)
-    # A SIGKILLed launcher cannot remove its log and ready-socket directories: keep them here.
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
     parent = subprocess.Popen(
         [PY, "-c", PARENT, str(script), str(services)],
-        env={**os.environ, _paths.RUNTIME_DIR_ENV: str(tmp_path)},
+        env={**os.environ, _paths.RUNTIME_DIR_ENV: str(runtime)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
     )
@@ -325,15 +385,20 @@ def test_services_end_when_the_launching_process_is_killed(
         pids = json.loads(parent.stdout.readline())
         assert len(pids) == services + 1
         assert _still_running(pids, 0) == set(pids)
+        assert len(os.listdir(runtime)) == 2  # the log and the ready-socket directories
         watchdogs = _children_of(parent.pid) - set(pids)
         assert len(watchdogs) == 1
+        watchdog = watchdogs.pop()
         if kill_watchdog:
-            os.kill(watchdogs.pop(), signal.SIGKILL)
+            os.kill(watchdog, signal.SIGKILL)
         parent.kill()
         parent.wait()
         started = time.monotonic()
         assert _still_running(pids, 10) == set()
         assert time.monotonic() - started < 8
+        if not kill_watchdog:  # the watchdog removes the log and ready-socket directories
+            assert _still_running([watchdog], 10) == set()
+            assert os.listdir(runtime) == []
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -411,7 +476,7 @@ async def test_a_second_signal_cancels_a_main_that_ignores_the_stop(service: Ser
 
 async def test_fifty_start_stop_cycles_leave_nothing_behind(private_tmp: Path) -> None:
     code = (
-        "from wirebus.launcher import run_service\n"
+        "from wirebus.service import run_service\n"
         "async def main(s):\n    s.ready()\n    await s.stopped()\n"
         "run_service(main)"
     )
@@ -425,7 +490,7 @@ async def test_fifty_start_stop_cycles_leave_nothing_behind(private_tmp: Path) -
     assert _still_running(pids, 0) == set()
 
 
-async def test_a_missing_program_is_reported_by_name_and_nothing_is_left(
+async def test_a_missing_program_is_reported_by_name_before_anything_is_spawned(
     service: Service, private_tmp: Path
 ) -> None:
     launcher = ServiceLauncher()
@@ -434,6 +499,21 @@ async def test_a_missing_program_is_reported_by_name_and_nothing_is_left(
     assert info.value.name == "ghost"
     assert info.value.returncode is None
     assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert launcher.pids == {}
+    assert await launcher.stop() == {}
+
+
+async def test_a_program_that_cannot_be_executed_is_reported_and_the_others_stopped(
+    service: Service, private_tmp: Path, tmp_path: Path
+) -> None:
+    program = tmp_path / "garbage"
+    program.write_bytes(b"\x7fELF not really")
+    program.chmod(0o755)
+    launcher = ServiceLauncher()
+    with pytest.raises(ServiceStartupError, match="garbage") as info:
+        await launcher.start([service("a"), ServiceSpec("bad", [str(program)])])
+    assert info.value.name == "bad"
+    assert isinstance(info.value.__cause__, OSError)
     assert _still_running(launcher.pids.values(), 0) == set()
     assert list(await launcher.stop()) == ["a"]
 
@@ -447,7 +527,7 @@ async def test_start_validates_before_spawning_and_only_once(service: Service) -
         await launcher.start([("a", ["true"])])  # type: ignore[list-item]
     async with launcher:
         assert await launcher.start([]) == {}
-        with pytest.raises(RuntimeError, match="already"):
+        with pytest.raises(RuntimeError, match="starts once; this one is open"):
             await launcher.start([service("b")])
     assert launcher.pids == {}
 
@@ -496,6 +576,26 @@ def test_service_spec_rejects_non_str_env() -> None:
         ServiceSpec("a", ["true"], env={"N": 1})  # type: ignore[dict-item]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "x" * 300}, "name .*300"),
+        ({"argv": ["true", "a\0b"]}, "argv"),
+        ({"env": {"N": "a\0b"}}, "env"),
+        ({"env": {"N\0": "v"}}, "env"),
+        ({"env": {"A=B": "v"}}, "env"),
+        ({"env": {"": "v"}}, "env"),
+        ({"cwd": "/tmp\0x"}, "cwd"),
+    ],
+)
+def test_service_spec_rejects_what_could_only_fail_at_spawn(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    fields: dict[str, Any] = {"name": "a", "argv": ["true"], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ServiceSpec(**fields)
+
+
 async def test_service_context_outside_a_launcher() -> None:
     context = ServiceContext()
     context.ready({"ignored": True})
@@ -503,3 +603,29 @@ async def test_service_context_outside_a_launcher() -> None:
     asyncio.get_running_loop().call_soon(context.request_stop)
     await asyncio.wait_for(context.stopped(), 5)
     assert context.stop_requested
+
+
+def test_a_launcher_closes_the_resource_way_from_sync_code_too(service: Service) -> None:
+    async def start(launcher: ServiceLauncher) -> dict[str, int]:
+        await launcher.start([service("a"), service("t", "ignore-term")])
+        return launcher.pids
+
+    with ServiceLauncher(stop_timeout=1) as launcher:
+        pids = asyncio.run(start(launcher))
+        assert "open" in repr(launcher)
+    assert "closed" in repr(launcher)
+    assert _still_running(pids.values(), 0) == set()
+    assert asyncio.run(launcher.stop()) == {"a": 0, "t": -signal.SIGKILL}
+    launcher.close()
+
+
+async def test_close_while_starting_says_to_await_stop(service: Service) -> None:
+    launcher = ServiceLauncher(ready_timeout=30)
+    starting = asyncio.ensure_future(launcher.start([service("n", "never")]))
+    await _poll(_log_has(launcher, "n", "waiting"), 20)
+    with pytest.raises(RuntimeError, match="await stop"):
+        launcher.close()
+    await launcher.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert await launcher.stop() == {"n": 0}

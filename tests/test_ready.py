@@ -122,7 +122,30 @@ async def test_undecodable_messages_are_ignored_and_logged(
         with caplog.at_level(logging.WARNING, logger="wirebus.ready"):
             ready = await receiver.wait(["svc"], timeout=5)
     assert list(ready) == ["svc"]
-    assert sum("undecodable" in r.getMessage() for r in caplog.records) == 2
+    assert sum("malformed" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_deeply_nested_signal_is_ignored_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    depth = 200_000
+    frame = (
+        b"\x83"  # a map of three: identity, pid, info
+        + msgspec.msgpack.encode("identity")
+        + msgspec.msgpack.encode("svc")
+        + msgspec.msgpack.encode("pid")
+        + msgspec.msgpack.encode(1)
+        + msgspec.msgpack.encode("info")
+        + b"\x81\xa1a" * depth
+        + b"\xc0"
+    )
+    with ReadyCheckReceiver() as receiver:
+        _send_raw(receiver.address, frame)
+        send_ready_signal(receiver.address, "svc", {"depth": 1})
+        with caplog.at_level(logging.WARNING, logger="wirebus.ready"):
+            ready = await receiver.wait(["svc"], timeout=5)
+    assert ready["svc"].info == {"depth": 1}
+    assert any("malformed" in r.getMessage() for r in caplog.records)
 
 
 async def test_wire_format_is_a_msgpack_map_in_one_frame() -> None:

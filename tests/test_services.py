@@ -20,7 +20,9 @@ from wirebus import (
     make_topic,
 )
 from wirebus.kvstore import BasicKVStore, KVStoreReader
-from wirebus.record import ErrorData, ErrorEventType
+from wirebus.record import ErrorData, ErrorEventType, EventRecordCodec
+from wirebus.services import drain
+from wirebus.services._base import HandlerSubscriber
 from wirebus.services.event_logger import JsonLinesWriter, log_files
 from wirebus.services.event_publisher import EventPublisherService
 from wirebus.services.metrics_aggregator import (
@@ -82,6 +84,7 @@ def test_aggregator_metrics_match_hand_computed_values(tmp_path: Path) -> None:
             series = {name: list(reader.series(name).values()) for name in SERIES}
     assert got == {
         "events": len(SCRIPT),
+        "events_rejected": 0,
         "samples_issued": 5,
         "samples_completed": 4,
         "samples_failed": 1,
@@ -102,6 +105,31 @@ def test_aggregator_metrics_match_hand_computed_values(tmp_path: Path) -> None:
     assert series["latency_ms"] == pytest.approx([100, 80])
     assert series["tpot_ms"] == pytest.approx([70 / 8, 40 / 4])
     assert series["chunk_gap_ms"] == pytest.approx([15, 15])
+
+
+def test_aggregator_rejects_a_bad_record_alone_and_counts_it(tmp_path: Path) -> None:
+    with BasicKVStore(tmp_path / "store") as store:
+        aggregator = MetricsAggregator(store)
+        aggregator.handle(
+            [
+                _r(SessionEventType.START_PERFORMANCE_TRACKING, 0),
+                _r(SampleEventType.ISSUED, 1, "a"),
+                _r(SampleEventType.ISSUED, 2, "b"),
+                _r(SampleEventType.ISSUED, 3, "c"),
+                _r(SampleEventType.COMPLETE, 10, "a", _out(4)),
+                _r(SampleEventType.COMPLETE, 11, "b", _out(-5)),
+                _r(SampleEventType.COMPLETE, 12, "c", _out(2)),
+            ]
+        )
+        with KVStoreReader(store.path) as reader:
+            got = {name: reader.get(name) for name in (*COUNTERS, *GAUGES)}
+            latencies = list(reader.series("latency_ms").values())
+    assert got["events"] == 7
+    assert got["events_rejected"] == 1
+    assert got["samples_completed"] == 2
+    assert got["perf_output_tokens"] == 6
+    assert got["in_flight"] == 1  # b: its only completion was rejected
+    assert latencies == pytest.approx([9, 9])
 
 
 def test_aggregator_in_flight_and_snapshot(tmp_path: Path) -> None:
@@ -188,3 +216,36 @@ async def test_services_record_everything_published(tmp_path: Path, wirebus_addr
     assert _count_lines(log) == 2 * n + 3
     with KVStoreReader(store_path) as reader:  # a store it was given stays, closed and whole
         assert reader.get("events") == events.published
+
+
+async def test_wait_for_events_raises_timeout_error_saying_how_many(tmp_path: Path) -> None:
+    with BasicKVStore(tmp_path / "store") as store:
+        MetricsAggregator(store).handle(SCRIPT[:3])
+        with KVStoreReader(store.path) as reader:
+            assert await wait_for_events(reader, 3, timeout=1) == 3
+            with pytest.raises(TimeoutError, match="counted 3 of 5 events"):
+                await wait_for_events(reader, 5, timeout=0.2)
+
+
+def test_event_publisher_service_closes_with_a_plain_with(wirebus_address: str) -> None:
+    with EventPublisherService(wirebus_address) as events:
+        events.session_started()
+        assert events.published == 1
+    with pytest.raises(RuntimeError):
+        events.session_ended()
+
+
+async def test_drain_waits_for_what_is_on_its_way(wirebus_address: str) -> None:
+    received: list[EventRecord] = []
+    async with EventPublisherService(wirebus_address) as events:
+        subscriber = HandlerSubscriber(EventRecordCodec(), wirebus_address, received.extend)
+        async with subscriber:
+            await subscriber.start()
+            await events.wait_for_subscribers(1, timeout=10)
+            for i in range(2000):
+                events.issued(f"s{i}")
+            await events.flush(timeout=10)
+            await drain(subscriber, quiet=0.2)
+            assert len(received) == 2000
+    with pytest.raises(ValueError, match="quiet"):
+        await drain(subscriber, quiet=0)

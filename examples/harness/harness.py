@@ -15,9 +15,14 @@ from pathlib import Path
 
 from messages import CODEC, Done, HarnessMessage, Request, Response
 
-from wirebus import KVStoreReader, ServiceLauncher, ServiceSpec, ZmqMessagePublisher
+from wirebus import (
+    EventPublisherService,
+    KVStoreReader,
+    ServiceLauncher,
+    ServiceSpec,
+    ZmqMessagePublisher,
+)
 from wirebus.services.event_logger import log_files
-from wirebus.services.event_publisher import EventPublisherService
 from wirebus.services.metrics_aggregator import wait_for_events
 
 HERE = Path(__file__).resolve().parent

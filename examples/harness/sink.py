@@ -15,8 +15,7 @@ from typing import BinaryIO
 import msgspec
 from messages import CODEC, Done, HarnessMessage, Response
 
-from wirebus import ZmqMessageSubscriber
-from wirebus.launcher import ServiceContext, run_service
+from wirebus import ServiceContext, ZmqMessageSubscriber, run_service
 
 
 class ResponseSink(ZmqMessageSubscriber[HarnessMessage]):

@@ -10,8 +10,7 @@ import msgspec
 import pytest
 from messages import CODEC, Done, HarnessMessage, Request, Response
 
-from wirebus import ServiceLauncher, ZmqMessagePublisher
-from wirebus.launcher import ServiceSpec
+from wirebus import ServiceLauncher, ServiceSpec, ZmqMessagePublisher
 from wirebus.testing import SubscriberFactory
 
 HERE = Path(__file__).resolve().parent

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # loaded by whoever runs a loop; importing it costs a service ~100 ms
+    import asyncio
 
 
 def resolve(future: asyncio.Future[None], exc: BaseException | None = None) -> None:
@@ -31,6 +34,8 @@ async def wait(
     future: asyncio.Future[None], timeout: float | None, message: Callable[[], str]
 ) -> None:
     """Await ``future``; past ``timeout`` raise ``TimeoutError(message())``."""
+    import asyncio
+
     try:
         await asyncio.wait_for(future, timeout)
     except asyncio.TimeoutError:

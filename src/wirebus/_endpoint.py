@@ -8,16 +8,9 @@ explicitly; an address in use is an ``OSError`` naming it.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
-import shutil
-import socket
-import tempfile
-import weakref
 
 import zmq
-
-from wirebus import _paths
 
 SCHEMES = ("ipc", "tcp", "inproc")
 _ANY_HOSTS = ("*", "0.0.0.0", "[::]", "::", "[*]")
@@ -71,6 +64,12 @@ def new_ipc_address(name: str = "wirebus") -> str:
     The directory is removed when the process exits or when :func:`remove_ipc_dir` is called
     with the address.
     """
+    import shutil  # here, not at the top: a service that only connects never pays for these
+    import tempfile
+    import weakref
+
+    from wirebus import _paths
+
     directory = tempfile.mkdtemp(prefix="wirebus-", dir=_paths.temp_dir())
     path = os.path.join(directory, f"{name}.sock")
     weakref.finalize(_IPC_DIRS, shutil.rmtree, directory, True)
@@ -86,6 +85,8 @@ _IPC_DIRS = _Registry()
 
 def remove_ipc_dir(address: str) -> None:
     """Remove the directory :func:`new_ipc_address` made for ``address`` (if it did)."""
+    import shutil
+
     path = address.removeprefix("ipc://")
     directory = os.path.dirname(path)
     if os.path.basename(directory).startswith("wirebus-"):
@@ -94,6 +95,8 @@ def remove_ipc_dir(address: str) -> None:
 
 def _ipc_in_use(path: str) -> bool:
     """True when something accepts connections on the unix socket ``path``."""
+    import socket
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -124,6 +127,8 @@ def bind(sock: zmq.Socket[bytes], address: str, allow_any_interface: bool = Fals
     assert isinstance(bound, bytes)
     endpoint = bound.decode()
     if not allow_any_interface and endpoint.startswith("tcp://"):
+        import ipaddress
+
         host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
         if ipaddress.ip_address(host).is_unspecified:
             sock.unbind(endpoint)

@@ -2,15 +2,27 @@
 
 ``with`` calls :meth:`Resource.close`; ``async with`` awaits :meth:`Resource.aclose`, which
 closes without blocking the event loop where a subclass needs that. Closing is idempotent.
+:class:`State` names where a resource with a life cycle longer than open/closed stands.
 """
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import TypeVar
 
 _R = TypeVar("_R", bound="Resource")
+
+
+class State(enum.Enum):
+    """The life cycle of a resource that starts after it is made (e.g. a launcher)."""
+
+    NEW = "new"
+    STARTING = "starting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
 
 
 class Resource(ABC):

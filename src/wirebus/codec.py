@@ -7,12 +7,22 @@ a codec for a new message type is usually a one-line subclass of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
-__all__ = ["TOPIC_FRAME_SIZE", "MessageCodec", "MsgspecCodec", "check_codec", "make_topic"]
+__all__ = [
+    "TOPIC_FRAME_SIZE",
+    "MessageCodec",
+    "MsgspecCodec",
+    "RunEncoding",
+    "check_codec",
+    "make_topic",
+    "run_decoder_of",
+    "run_encoding_of",
+]
 
 TOPIC_FRAME_SIZE = 32
 """Fixed width in bytes of every topic on the wire (names are NUL-padded to it)."""
@@ -76,14 +86,69 @@ def check_codec(codec: object) -> None:
         raise TypeError(f"{codec!r} is not a MessageCodec: it has no callable {', '.join(missing)}")
 
 
-class MsgspecCodec(Generic[T]):
-    """A msgpack codec for a ``msgspec.Struct`` type (or any type msgspec can decode).
+@dataclass(frozen=True)
+class RunEncoding(Generic[T]):
+    """How a codec encodes a whole run of items in one call (the optional run protocol).
 
-    ``topic`` is either one name for every item (``str``/``bytes``, padded with
-    :func:`make_topic`) or a function of the item returning a padded topic. The encoder and
-    decoder are built once. A payload that fails to decode is re-raised by
-    :meth:`on_decode_error`, so the subscriber counts it and reports it through ``on_error``;
-    override that method to substitute a sentinel item or drop silently.
+    ``topic(item)`` returns the item's padded topic without encoding it, and raises
+    ``TypeError`` for an item that is not of the codec's type: the publisher calls it in
+    ``publish()``, so it must be cheap. ``encode(items)`` returns one msgpack array holding
+    the items in order, each element exactly the payload ``codec.encode(item)`` would give;
+    the publisher calls it in its send step, for runs of items that share a topic.
+    """
+
+    topic: Callable[[T], bytes]
+    encode: Callable[[Sequence[T]], bytes]
+
+
+def run_encoding_of(codec: MessageCodec[T]) -> RunEncoding[T] | None:
+    """The codec's :class:`RunEncoding`, or ``None`` when it encodes item by item only.
+
+    A codec offers run encoding through a ``run_encoding()`` method returning one (or
+    ``None``).
+    """
+    offer = getattr(codec, "run_encoding", None)
+    return offer() if callable(offer) else None
+
+
+def run_decoder_of(codec: MessageCodec[T]) -> Callable[[bytes | memoryview], list[T]] | None:
+    """The codec's run decoder (a msgpack array of payloads to a list of items), or ``None``.
+
+    A codec offers it through a ``run_decoder()`` method returning the function (or ``None``).
+    """
+    offer = getattr(codec, "run_decoder", None)
+    return offer() if callable(offer) else None
+
+
+def _type_name(type_: object) -> str:
+    """A readable name for any type msgspec accepts (a class, a union, a generic alias)."""
+    name = getattr(type_, "__name__", None)
+    return name if isinstance(name, str) and not getattr(type_, "__args__", None) else repr(type_)
+
+
+def _instance_check(type_: object) -> type[Any] | Any | None:
+    """``type_`` if ``isinstance`` accepts it (a class or a union of classes), else ``None``."""
+    try:
+        isinstance(None, type_)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return type_
+
+
+class MsgspecCodec(Generic[T]):
+    """A msgpack codec for a ``msgspec.Struct`` type, or any type msgspec can decode.
+
+    ``type_`` may be a struct, a union of tagged structs (``Tick | Quote``, several message
+    types on one socket) or anything else msgspec decodes. ``topic`` is either one name for
+    every item (``str``/``bytes``, padded with :func:`make_topic`) or a function of the item
+    returning a padded topic. The encoder and decoder are built once. A payload that fails to
+    decode is re-raised by :meth:`on_decode_error`, so the subscriber counts it and reports it
+    through ``on_error``; override that method to substitute a sentinel item or drop silently.
+
+    It offers run encoding and decoding (:meth:`run_encoding`, :meth:`run_decoder`): a
+    publisher encodes a run of items in one msgspec call in its send step, a subscriber decodes
+    a message's items in one call. A subclass that overrides :meth:`encode` or :meth:`decode`
+    gets item-by-item encoding or decoding instead, so that its own method is what runs.
     """
 
     def __init__(self, type_: type[T], topic: str | bytes | Callable[[T], bytes]) -> None:
@@ -92,6 +157,7 @@ class MsgspecCodec(Generic[T]):
         self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
             type_, dec_hook=self._dec_hook
         )
+        self._checked_type = _instance_check(type_)
         if callable(topic):
             self._topic_of: Callable[[T], bytes] | None = topic
             self._topic = b""
@@ -113,23 +179,33 @@ class MsgspecCodec(Generic[T]):
     def on_decode_error(self, payload: bytes | memoryview, exc: Exception) -> T | None:
         raise exc
 
-    def concatenated_decoder(self) -> Callable[[bytes, int], list[T]] | None:
-        """Return a function decoding ``count`` payloads laid end to end, in one call.
+    def topic(self, item: T) -> bytes:
+        """The topic of ``item``, without encoding it; ``TypeError`` if it is not a ``type_``."""
+        checked = self._checked_type
+        if checked is not None and not isinstance(item, checked):
+            raise TypeError(
+                f"{self!r} encodes {_type_name(self.type)}, got {type(item).__name__}: {item!r}"
+            )
+        return self._topic if self._topic_of is None else self._topic_of(item)
 
-        An optional codec method the subscriber uses when present: msgpack payloads laid end
-        to end after an array header are one msgpack array, which msgspec decodes several
-        times faster than payload by payload. Returns ``None`` when a subclass overrides
-        :meth:`decode`, so that its ``decode`` is what runs.
+    def run_encoding(self) -> RunEncoding[T] | None:
+        """Encode runs in one msgspec call, unless a subclass overrides :meth:`encode`."""
+        if type(self).encode is not MsgspecCodec.encode:
+            return None
+        return RunEncoding(self.topic, self._encoder.encode)
+
+    def run_decoder(self) -> Callable[[bytes | memoryview], list[T]] | None:
+        """Decode a msgpack array of payloads in one call, unless :meth:`decode` is overridden.
+
+        Decoding a run is several times faster than decoding payload by payload.
         """
         if type(self).decode is not MsgspecCodec.decode:
             return None
-        decoder = msgspec.msgpack.Decoder(list[self.type], dec_hook=self._dec_hook)  # type: ignore[name-defined]
-
-        def decode_concatenated(payloads: bytes, count: int) -> list[T]:
-            header = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
-            return decoder.decode(header + payloads)
-
-        return decode_concatenated
+        decoder: msgspec.msgpack.Decoder[list[T]] = msgspec.msgpack.Decoder(
+            list[self.type],  # type: ignore[name-defined]
+            dec_hook=self._dec_hook,
+        )
+        return decoder.decode
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.type.__name__})"
+        return f"{type(self).__name__}({_type_name(self.type)})"

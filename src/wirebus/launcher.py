@@ -1,43 +1,39 @@
-"""Launcher: start helper services as subprocesses, know when they are ready, leave none behind.
+"""Launcher, the parent's side: start services as subprocesses, know when they are ready,
+leave none behind.
 
-:class:`ServiceLauncher` spawns each :class:`ServiceSpec` in its own process group with stdin
-closed and its output in a log file, then waits on the ready signals and on the children's exits
-together (pidfds), against one deadline. A child that dies early is reported at once with its
-exit status and the tail of its log; every failure, cancellation and :meth:`ServiceLauncher.stop`
-ends the whole process group of every service. A death pipe makes services end when the parent
-dies, even by SIGKILL: a service written with :func:`run_service` watches it.
+:class:`ServiceLauncher` checks every :class:`ServiceSpec`, then spawns each in its own process
+group with stdin closed, its output in a log file and a ready token of its own, and waits on the
+ready signals and on the children's exits together (pidfds), against one deadline. A child that
+dies early is reported at once with its exit status and the tail of its log; every failure,
+cancellation and :meth:`ServiceLauncher.stop` ends every process of the launch: the services'
+process groups, their descendants (also those in a session of their own, found while the
+launcher is a child subreaper) and whatever carries the launch's marker. A death pipe and the
+watchdog (:mod:`wirebus._watchdog`) do the same when the parent dies, even by SIGKILL.
 
-The service side is :func:`run_service`::
-
-    async def main(service: ServiceContext) -> None:
-        server = await start_my_server()
-        service.ready({"address": server.address})
-        await service.stopped()
-        await server.close()
-
-    run_service(main)
+The service's side is :mod:`wirebus.service` (:func:`~wirebus.run_service`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
-from wirebus import _paths
-from wirebus._aio import positive_timeout, resolve
+from wirebus import _paths, _watchdog
+from wirebus._aio import positive_timeout
+from wirebus._children import Process, child_subreaper, collect_status, until_gone, wait_exits
+from wirebus._resource import Resource, State
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
 from wirebus.ready import (
     READY_ADDRESS_ENV,
@@ -45,20 +41,15 @@ from wirebus.ready import (
     SERVICE_NAME_ENV,
     ReadyCheckReceiver,
     ReadySignal,
-    _accept_signal,
-    send_ready_signal,
 )
+from wirebus.service import DEATH_FD_ENV
 
-__all__ = ["DEATH_FD_ENV", "ServiceContext", "ServiceLauncher", "ServiceSpec", "run_service"]
-
-DEATH_FD_ENV = "WIREBUS_DEATH_FD"
-"""Environment variable holding the fd of the death pipe a launched service inherits."""
+__all__ = ["ServiceLauncher", "ServiceSpec"]
 
 _LOG_TAIL_LINES = 20
 _TIMEOUT_TAIL_LINES = 5
-_STATUS_WITHIN = 1.0
 _KILL_WAIT = 5.0
-_ORPHAN_GRACE = 5.0
+_NAME_MAX = 255 - len(".log")
 
 _log = logging.getLogger("wirebus.launcher")
 
@@ -79,6 +70,12 @@ class ServiceSpec:
             raise ValueError(f"service name must be a non-empty str without '/', got {name!r}")
         if "\0" in name:
             raise ValueError(f"service name must not contain NUL, got {name!r}")
+        size = len(os.fsencode(name))
+        if size > _NAME_MAX:
+            raise ValueError(
+                f"service name of {size} bytes is too long for its log file name "
+                f"(at most {_NAME_MAX}): {name!r}"
+            )
         if isinstance(self.argv, (str, bytes)):
             raise TypeError(
                 f"argv of service {name!r} must be a sequence of str, not one string: {self.argv!r}"
@@ -88,105 +85,53 @@ class ServiceSpec:
             raise ValueError(f"argv of service {name!r} is empty")
         if not all(isinstance(arg, str) for arg in argv):
             raise TypeError(f"argv of service {name!r} must hold only str, got {argv!r}")
+        if any("\0" in arg for arg in argv):
+            raise ValueError(f"argv of service {name!r} contains a NUL character: {argv!r}")
         object.__setattr__(self, "argv", argv)
-        if self.env is not None and not all(
-            isinstance(key, str) and isinstance(value, str) for key, value in self.env.items()
-        ):
-            raise TypeError(f"env of service {name!r} must map str to str, got {self.env!r}")
+        if self.env is not None:
+            _check_env(name, self.env)
+        if self.cwd is not None and "\0" in os.fspath(self.cwd):
+            raise ValueError(f"cwd of service {name!r} contains a NUL character: {self.cwd!r}")
 
 
-class _Process:
-    """A spawned child and a pidfd that becomes readable when it exits."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        self.pidfd = os.pidfd_open(popen.pid)
-
-    def exit_status(self) -> int | None:
-        """The exit code (negative: killed by that signal) without reaping, or None if running.
-
-        The process stays a zombie, so its pid (and process group id) cannot be reused while
-        its group is still being signalled.
-        """
-        if self.popen.returncode is not None:
-            return self.popen.returncode
-        try:
-            result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return self.popen.poll()
-        if result is None or result.si_pid == 0:
-            return None
-        if result.si_code == os.CLD_EXITED:
-            return result.si_status
-        return -result.si_status
+def _check_env(name: str, env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"env of service {name!r} must map str to str, got {env!r}")
+        if not key or "=" in key or "\0" in key:
+            raise ValueError(
+                f"env of service {name!r}: {key!r} is not a variable name (empty, '=' or NUL)"
+            )
+        if "\0" in value:
+            raise ValueError(f"env of service {name!r}: the value of {key!r} contains NUL")
 
 
-class _Service(_Process):
+def _check_spawnable(spec: ServiceSpec) -> None:
+    """``ServiceStartupError`` naming the field when ``spec`` could only fail at spawn time."""
+    if spec.cwd is not None and not os.path.isdir(spec.cwd):
+        raise ServiceStartupError(
+            f"cwd of service {spec.name!r} is not a directory: {os.fspath(spec.cwd)!r}",
+            name=spec.name,
+        )
+    program = spec.argv[0]
+    search_path = (spec.env or {}).get("PATH", os.environ.get("PATH", os.defpath))
+    if "/" in program and spec.cwd is not None:  # the child resolves it after its chdir
+        program = os.path.join(spec.cwd, program)
+    if shutil.which(program, path=search_path) is None:
+        raise ServiceStartupError(
+            f"cannot start service {spec.name!r}: argv[0] {spec.argv[0]!r} is not an executable "
+            f"program (PATH {search_path!r})",
+            name=spec.name,
+        ) from FileNotFoundError(errno.ENOENT, "no such executable program", spec.argv[0])
+
+
+class _Service(Process):
     """A spawned service: its spec, process, pidfd and log file."""
 
     def __init__(self, spec: ServiceSpec, popen: subprocess.Popen[bytes], log_path: str) -> None:
         super().__init__(popen)
         self.spec = spec
         self.log_path = log_path
-
-
-_WATCHDOG = """
-import os, select, signal, sys, time
-grace = float(sys.argv[1])
-groups = [int(pgid) for pgid in sys.argv[2:]]
-leaders = set()
-for pgid in groups:
-    try:
-        leaders.add(os.pidfd_open(pgid))
-    except OSError:
-        pass
-while os.read(0, 512):
-    pass
-for pgid in groups:
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except OSError:
-        pass
-deadline = time.monotonic() + grace
-while leaders and time.monotonic() < deadline:
-    leaders -= set(select.select(list(leaders), [], [], deadline - time.monotonic())[0])
-for pgid in groups:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-"""Run with the death pipe as stdin: when the launcher dies, end every service's group."""
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _live_groups(pgids: Iterable[int]) -> set[int]:
-    """Those of the process groups ``pgids`` that still have a member that is not a zombie."""
-    candidates = set()
-    for pgid in pgids:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, 0)
-            candidates.add(pgid)
-    live: set[int] = set()
-    if not candidates:
-        return live
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        pgid = int(fields[2])
-        if pgid in candidates and fields[0] not in (b"Z", b"X"):
-            live.add(pgid)
-    return live
 
 
 def _log_tail(path: str, lines: int) -> str:
@@ -212,13 +157,14 @@ def _describe_exit(returncode: int | None) -> str:
     return f"exited with code {returncode}"
 
 
-class ServiceLauncher:
+class ServiceLauncher(Resource):
     """Starts services, waits until each is ready, and stops them all (and their children).
 
     ``ready_timeout`` is one deadline for all services of :meth:`start`; ``stop_timeout`` the
     default total deadline of :meth:`stop`. Each service's stdout and stderr go to
     ``<log_dir>/<name>.log``; without ``log_dir`` a fresh temporary directory is used and removed
-    by :meth:`stop`. Use it as an async context manager (stop on exit) or call :meth:`stop`.
+    by :meth:`stop`. Use it as an async context manager (stop on exit) or call :meth:`stop`
+    (:meth:`aclose` is the same; :meth:`close` stops from sync code, blocking).
     """
 
     def __init__(
@@ -233,12 +179,13 @@ class ServiceLauncher:
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
         self._owns_log_dir = False
         self._services: dict[str, _Service] = {}
-        self._state = "new"
+        self._state = State.NEW
         self._start_task: asyncio.Task[Any] | None = None
         self._receiver: ReadyCheckReceiver | None = None
         self._death_read: int | None = None
         self._death_write: int | None = None
-        self._watchdog: _Process | None = None
+        self._watchdog: Process | None = None
+        self._marker = secrets.token_hex(8)
         self._returncodes: dict[str, int] = {}
         self._stopped = asyncio.Event()
 
@@ -257,13 +204,16 @@ class ServiceLauncher:
     async def start(self, specs: Sequence[ServiceSpec]) -> dict[str, ReadySignal]:
         """Start every service and return their ready signals by name once all are ready.
 
-        ``ServiceStartupError`` as soon as one cannot be spawned or exits before all are ready
-        (with its exit status and log tail); ``ReadyTimeoutError`` naming the services still
-        not ready at the deadline. On any failure or cancellation every service is stopped
-        before the error propagates. A launcher starts once: a second call is a RuntimeError.
+        Every spec is checked before anything is spawned (``TypeError``/``ValueError`` for a
+        bad argument, ``ServiceStartupError`` naming the field for a ``cwd`` that is not a
+        directory or a program that is not there). ``ServiceStartupError`` as soon as one
+        cannot be spawned or exits before all are ready (with its exit status and log tail);
+        ``ReadyTimeoutError`` naming the services still not ready at the deadline. On any
+        failure or cancellation every service is stopped before the error propagates. A
+        launcher starts once: a second call is a RuntimeError.
         """
-        if self._state != "new":
-            raise RuntimeError(f"start() was already called on this launcher ({self._state})")
+        if self._state is not State.NEW:
+            raise RuntimeError(f"a launcher starts once; this one is {self._state.value}")
         specs = tuple(specs)
         seen: set[str] = set()
         for spec in specs:
@@ -272,14 +222,16 @@ class ServiceLauncher:
             if spec.name in seen:
                 raise ValueError(f"duplicate service name {spec.name!r}")
             seen.add(spec.name)
+            _check_spawnable(spec)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._ready_timeout
-        self._state = "starting"
+        self._state = State.STARTING
         self._start_task = asyncio.current_task()
         try:
-            receiver, launch_env, log_dir = self._open()
+            tokens = {spec.name: secrets.token_hex(16) for spec in specs}
+            receiver, log_dir = self._open(tokens)
             for spec in specs:
-                self._spawn(spec, launch_env, log_dir)
+                self._spawn(spec, tokens[spec.name], receiver.address, log_dir)
             self._spawn_watchdog()
             self._close_death_read()
             ready = await self._wait_ready(loop, receiver, deadline)
@@ -288,29 +240,31 @@ class ServiceLauncher:
             raise
         finally:
             self._start_task = None
-        self._state = "running"
+        self._state = State.OPEN
         return {spec.name: ready[spec.name] for spec in specs}
 
-    def _open(self) -> tuple[ReadyCheckReceiver, dict[str, str], str]:
-        """Make the log dir, the ready receiver and the death pipe; return what spawning needs."""
+    def _open(self, tokens: Mapping[str, str]) -> tuple[ReadyCheckReceiver, str]:
+        """Make the log dir, the ready receiver and the death pipe."""
         if self._log_dir is None:
             self._log_dir = tempfile.mkdtemp(prefix="wirebus-logs-", dir=_paths.temp_dir())
             self._owns_log_dir = True
         else:
             os.makedirs(self._log_dir, exist_ok=True)
-        token = secrets.token_hex(16)
-        self._receiver = ReadyCheckReceiver(token=token)
+        self._receiver = ReadyCheckReceiver(token=tokens)
         self._death_read, self._death_write = os.pipe()
-        launch_env = {
-            READY_ADDRESS_ENV: self._receiver.address,
-            READY_TOKEN_ENV: token,
-            DEATH_FD_ENV: str(self._death_read),
-        }
-        return self._receiver, launch_env, self._log_dir
+        return self._receiver, self._log_dir
 
-    def _spawn(self, spec: ServiceSpec, launch_env: Mapping[str, str], log_dir: str) -> None:
-        death_read = int(launch_env[DEATH_FD_ENV])
-        env = {**os.environ, **(spec.env or {}), **launch_env, SERVICE_NAME_ENV: spec.name}
+    def _spawn(self, spec: ServiceSpec, token: str, address: str, log_dir: str) -> None:
+        assert self._death_read is not None
+        env = {
+            **os.environ,
+            **(spec.env or {}),
+            READY_ADDRESS_ENV: address,
+            READY_TOKEN_ENV: token,
+            SERVICE_NAME_ENV: spec.name,
+            DEATH_FD_ENV: str(self._death_read),
+            _watchdog.LAUNCH_ENV: self._marker,
+        }
         log_path = os.path.join(log_dir, f"{spec.name}.log")
         with open(log_path, "wb") as log:
             try:
@@ -322,7 +276,7 @@ class ServiceLauncher:
                     env=env,
                     cwd=spec.cwd,
                     start_new_session=True,
-                    pass_fds=(death_read,),
+                    pass_fds=(self._death_read,),
                 )
             except OSError as exc:
                 raise ServiceStartupError(
@@ -332,27 +286,42 @@ class ServiceLauncher:
         try:
             self._services[spec.name] = _Service(spec, popen, log_path)
         except BaseException:
-            _signal_group(popen.pid, signal.SIGKILL)
+            popen.kill()
             popen.wait()
             raise
 
     def _spawn_watchdog(self) -> None:
-        """Start the process that ends every service group if this process dies, even by SIGKILL.
+        """Start the process that ends the launch if this process dies, even by SIGKILL.
 
-        Services written with :func:`run_service` also watch the death pipe themselves; the
-        watchdog covers every other service (and their children).
+        Services written with :func:`~wirebus.run_service` also watch the death pipe
+        themselves; the watchdog covers every other service (and every process of the launch),
+        then removes the log and ready-socket directories this launcher made.
         """
         if not self._services:
             return
+        directories = []
+        if self._owns_log_dir and self._log_dir is not None:
+            directories.append(self._log_dir)
+        if self._receiver is not None and self._receiver.owns_address:
+            directories.append(os.path.dirname(self._receiver.address.removeprefix("ipc://")))
+        pids = ",".join(str(service.pid) for service in self._services.values())
         popen = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._stop_timeout)]
-            + [str(service.pid) for service in self._services.values()],
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                _watchdog.__file__,
+                str(self._stop_timeout),
+                self._marker,
+                pids,
+                *directories,
+            ],
             stdin=self._death_read,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:
-            self._watchdog = _Process(popen)
+            self._watchdog = Process(popen)
         except BaseException:
             popen.kill()
             popen.wait()
@@ -395,7 +364,7 @@ class ServiceLauncher:
                     signal_ = receiving.result()
                 except TimeoutError:
                     raise self._not_ready_error(names, ready) from None
-                _accept_signal(signal_, names, ready, receiver.address)
+                ready[signal_.identity] = signal_  # the receiver checked identity and token
         finally:
             for service in self._services.values():
                 loop.remove_reader(service.pidfd)
@@ -404,7 +373,7 @@ class ServiceLauncher:
     async def _exit_error(
         self, loop: asyncio.AbstractEventLoop, service: _Service, ready: Mapping[str, Any]
     ) -> ServiceStartupError:
-        returncode = await _collect_status(loop, service)
+        returncode = await collect_status(loop, service)
         tail = _log_tail(service.log_path, _LOG_TAIL_LINES)
         when = "after it reported ready" if service.spec.name in ready else "before it was ready"
         message = f"service {service.spec.name!r} {_describe_exit(returncode)} {when}"
@@ -430,71 +399,108 @@ class ServiceLauncher:
     async def stop(self, timeout: float | None = None) -> dict[str, int]:
         """Stop every service and its children; return each service's exit code by name.
 
-        SIGTERM goes to each service's process group; what is left when ``timeout`` seconds
-        (default ``stop_timeout``, one deadline for all) have passed gets SIGKILL; every child is
-        reaped. A negative code is the signal that ended the service. Never blocks the event
+        SIGTERM goes to every process of the launch (each service's process group, every
+        descendant, also one in a session of its own); what is left when ``timeout`` seconds
+        (default ``stop_timeout``, one deadline for all) have passed gets SIGKILL; every child
+        is reaped. A negative code is the signal that ended the service. Never blocks the event
         loop. Idempotent: later calls return the same dict; before :meth:`start` it returns
         ``{}``. Called while :meth:`start` runs in another task, it cancels that start.
         """
         total = self._stop_timeout if timeout is None else positive_timeout("timeout", timeout)
-        if self._state == "new":
+        if self._state is State.NEW:
             return {}
-        if self._state == "starting" and self._start_task is not None:
+        if self._state is State.STARTING and self._start_task is not None:
             self._start_task.cancel()
-        if self._state in ("starting", "stopping"):
+        if self._state in (State.STARTING, State.CLOSING):
             await self._stopped.wait()
             return dict(self._returncodes)
-        if self._state == "stopped":
+        if self._state is State.CLOSED:
             return dict(self._returncodes)
         return await self._shutdown(total)
 
+    async def aclose(self) -> None:
+        """:meth:`stop` with the default deadline."""
+        await self.stop()
+
+    def close(self) -> None:
+        """Stop from sync code, as :meth:`stop` does but blocking; idempotent.
+
+        ``RuntimeError`` while :meth:`start` or :meth:`stop` runs: await :meth:`stop` instead.
+        """
+        if self._state is State.NEW:
+            self._state = State.CLOSED
+            self._stopped.set()
+            return
+        if self._state in (State.STARTING, State.CLOSING):
+            raise RuntimeError(
+                f"close() while the launcher is {self._state.value}: await stop() instead"
+            )
+        if self._state is State.CLOSED:
+            return
+        self._state = State.CLOSING
+        try:
+            self._end_blocking(self._stop_timeout)
+        finally:
+            self._release()
+
     async def _shutdown(self, total: float) -> dict[str, int]:
-        self._state = "stopping"
+        self._state = State.CLOSING
         try:
             await self._terminate(total)
         except BaseException:
-            self._kill_now()
+            self._end_blocking(0)
             raise
         finally:
             self._release()
         return dict(self._returncodes)
 
+    def _sweep(self) -> _watchdog.Sweep:
+        return _watchdog.Sweep((service.pid for service in self._services.values()), self._marker)
+
     async def _terminate(self, total: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + total
-        services = list(self._services.values())
         if self._watchdog is not None:
             self._watchdog.popen.kill()
-        for service in services:
-            _signal_group(service.pid, signal.SIGTERM)
-        await _wait_exits(loop, services, deadline)
-        delay = 0.002
-        while loop.time() < deadline and _live_groups(service.pid for service in services):
-            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-            delay = min(delay * 2, 0.05)
-        for pgid in _live_groups(service.pid for service in services):
-            _signal_group(pgid, signal.SIGKILL)
-        children = self._children()
-        await _wait_exits(loop, children, loop.time() + _KILL_WAIT)
-        for child in children:
-            await _collect_status(loop, child)
-            child.popen.poll()
+        services = list(self._services.values())
+        sweep = self._sweep()
+        try:
+            with child_subreaper():
+                sweep.signal(signal.SIGTERM)
+                await wait_exits(loop, services, deadline)
+                await until_gone(loop, sweep, deadline)
+                sweep.signal(signal.SIGKILL)
+                children = self._children()
+                await wait_exits(loop, children, loop.time() + _KILL_WAIT)
+                for child in children:
+                    await collect_status(loop, child)
+                    child.popen.poll()
+                await until_gone(loop, sweep, loop.time() + _KILL_WAIT)
+                sweep.reap(keep=(child.pid for child in children))
+        finally:
+            sweep.close()
 
-    def _children(self) -> list[_Process]:
-        children: list[_Process] = list(self._services.values())
+    def _end_blocking(self, grace: float) -> None:
+        """SIGTERM the launch, wait up to ``grace`` s, SIGKILL what is left; reap, blocking."""
+        if self._watchdog is not None:
+            self._watchdog.popen.kill()
+        sweep = self._sweep()
+        try:
+            with child_subreaper():
+                _watchdog.end(sweep, grace)
+                children = self._children()
+                for child in children:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.popen.wait(_KILL_WAIT)
+                sweep.reap(keep=(child.pid for child in children))
+        finally:
+            sweep.close()
+
+    def _children(self) -> list[Process]:
+        children: list[Process] = list(self._services.values())
         if self._watchdog is not None:
             children.append(self._watchdog)
         return children
-
-    def _kill_now(self) -> None:
-        """Last resort when stopping is interrupted: SIGKILL every group and reap, blocking."""
-        for service in self._services.values():
-            _signal_group(service.pid, signal.SIGKILL)
-        if self._watchdog is not None:
-            self._watchdog.popen.kill()
-        for child in self._children():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.popen.wait(_KILL_WAIT)
 
     def _release(self) -> None:
         for name, service in self._services.items():
@@ -512,172 +518,8 @@ class ServiceLauncher:
             self._death_write = None
         if self._owns_log_dir and self._log_dir is not None:
             shutil.rmtree(self._log_dir, ignore_errors=True)
-        self._state = "stopped"
+        self._state = State.CLOSED
         self._stopped.set()
 
-    async def __aenter__(self) -> ServiceLauncher:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     def __repr__(self) -> str:
-        return f"<ServiceLauncher {self._state} {sorted(self._services)}>"
-
-
-async def _wait_exits(
-    loop: asyncio.AbstractEventLoop, children: Sequence[_Process], deadline: float
-) -> None:
-    """Wait until every process in ``children`` has exited or ``deadline`` passes."""
-    pending = {child for child in children if child.exit_status() is None}
-    if not pending:
-        return
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_exit(child: _Process) -> None:
-        loop.remove_reader(child.pidfd)
-        pending.discard(child)
-        if not pending:
-            resolve(done)
-
-    for child in pending:
-        loop.add_reader(child.pidfd, on_exit, child)
-    timer = loop.call_at(deadline, resolve, done)
-    try:
-        await done
-    finally:
-        timer.cancel()
-        for child in pending:
-            loop.remove_reader(child.pidfd)
-
-
-async def _collect_status(loop: asyncio.AbstractEventLoop, child: _Process) -> int | None:
-    """The exit status of a child whose pidfd reported its exit.
-
-    The pidfd can fire a moment before the status is collectable, so this retries briefly.
-    """
-    end = loop.time() + _STATUS_WITHIN
-    delay = 0.0005
-    while (status := child.exit_status()) is None and loop.time() < end:
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return status
-
-
-class ServiceContext:
-    """What :func:`run_service` hands to a service's ``main``: report ready, learn of stop.
-
-    :func:`run_service` fills ``name``, ``ready_address`` and ``token`` from the environment the
-    launcher set; built with the defaults (e.g. to test a service's ``main`` in-process),
-    :meth:`ready` does nothing and :meth:`request_stop` plays the launcher's SIGTERM.
-    """
-
-    def __init__(self, name: str = "", *, ready_address: str = "", token: str = "") -> None:
-        self.name = name
-        self.ready_address = ready_address
-        self.token = token
-        self._stop = asyncio.Event()
-
-    def ready(self, info: Mapping[str, Any] | None = None, *, timeout: float = 5.0) -> None:
-        """Report ready to the launcher, with ``info`` for it (e.g. the addresses bound).
-
-        A no-op when the process was not started by a launcher; ``TimeoutError`` when the
-        launcher does not take the signal within ``timeout`` seconds.
-        """
-        if self.ready_address and self.name:
-            send_ready_signal(
-                self.ready_address, self.name, info, timeout=timeout, token=self.token
-            )
-
-    def request_stop(self) -> None:
-        """Make :meth:`stopped` return (what SIGTERM, SIGINT or the launcher's death do)."""
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        """True once a stop was requested."""
-        return self._stop.is_set()
-
-    async def stopped(self) -> None:
-        """Return when the service is asked to stop (SIGTERM, SIGINT or the launcher's death)."""
-        await self._stop.wait()
-
-
-def run_service(main: Callable[[ServiceContext], Awaitable[None]]) -> None:
-    """Run ``main(service)`` as a launched service; returns when ``main`` does.
-
-    Before ``main`` starts, SIGTERM and SIGINT are routed to ``service.stopped()`` (a second
-    signal cancels ``main``, which then counts as a clean stop) and the launcher's death pipe is
-    watched: when the launcher dies, the whole process group gets SIGTERM, and SIGKILL 5 s
-    later. ``main`` calls ``service.ready(info)`` once it is up, then typically
-    ``await service.stopped()`` and cleans up. An exception from ``main`` propagates (the
-    process exits non-zero and the traceback lands in the service's log).
-    """
-    asyncio.run(_serve(main))
-
-
-async def _serve(main: Callable[[ServiceContext], Awaitable[None]]) -> None:
-    loop = asyncio.get_running_loop()
-    service = ServiceContext(
-        os.environ.pop(SERVICE_NAME_ENV, ""),
-        ready_address=os.environ.pop(READY_ADDRESS_ENV, ""),
-        token=os.environ.pop(READY_TOKEN_ENV, ""),
-    )
-    death_fd = _death_fd()
-    task: asyncio.Future[None] | None = None
-
-    def on_signal() -> None:
-        if not service.stop_requested:
-            service.request_stop()
-        elif task is not None:
-            task.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    if death_fd is not None:
-        loop.add_reader(death_fd, _on_death_pipe, loop, death_fd)
-    try:
-        task = asyncio.ensure_future(main(service))
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not task.cancelled() or not service.stop_requested:
-                raise
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        if death_fd is not None:
-            loop.remove_reader(death_fd)
-
-
-def _death_fd() -> int | None:
-    """The inherited death pipe, or None (logged) when the variable names no open pipe."""
-    raw = os.environ.pop(DEATH_FD_ENV, "")
-    if not raw:
-        return None
-    try:
-        fd = int(raw)
-        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
-    except (ValueError, OSError):
-        is_pipe = False
-    if not is_pipe:
-        _log.warning(
-            "%s=%r is not an open pipe: not watching for the launcher's death", DEATH_FD_ENV, raw
-        )
-        return None
-    os.set_inheritable(fd, False)
-    return fd
-
-
-def _on_death_pipe(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    if os.read(fd, 64):
-        return
-    loop.remove_reader(fd)
-    _log.warning("the launcher is gone: stopping process group %d", os.getpgrp())
-    os.killpg(os.getpgrp(), signal.SIGTERM)
-    loop.call_later(_ORPHAN_GRACE, os.killpg, os.getpgrp(), signal.SIGKILL)
+        return f"<ServiceLauncher {self._state.value} {sorted(self._services)}>"

@@ -4,8 +4,9 @@ A ready signal is one single-frame message from a PUSH socket (the service) to a
 (the parent): the msgpack map of a :class:`ReadySignal` — ``identity``, ``pid``, ``info`` (what
 the service wants the parent to know, e.g. the addresses it bound) and ``token``. A receiver made
 with a token ignores signals carrying any other token, so a stale signal from an earlier run
-never counts. Unknown identities, wrong tokens and undecodable messages are logged on the
-``wirebus.ready`` logger and skipped.
+never counts; made with one token per identity (what the launcher does), it also refuses a
+signal that claims another party's identity. Unknown identities, wrong tokens and malformed
+messages (any bytes, any nesting depth) are logged on the ``wirebus.ready`` logger and skipped.
 
 Waiting never blocks the event loop: the receiver watches its socket's ``zmq.FD`` with
 ``loop.add_reader`` and drains to ``EAGAIN`` (the FD is edge-triggered).
@@ -13,24 +14,25 @@ Waiting never blocks the event loop: the receiver watches its socket's ``zmq.FD`
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
-import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from wirebus._aio import positive_timeout, resolve
 from wirebus._endpoint import bind, check_address, connect, new_ipc_address, remove_ipc_dir
 from wirebus._resource import Resource
 from wirebus.errors import ReadyTimeoutError
+
+if TYPE_CHECKING:  # a service that only reports ready never loads asyncio on our account
+    import asyncio
 
 __all__ = [
     "READY_ADDRESS_ENV",
@@ -49,7 +51,13 @@ SERVICE_NAME_ENV = "WIREBUS_SERVICE_NAME"
 READY_TOKEN_ENV = "WIREBUS_READY_TOKEN"
 """Environment variable holding the per-launch token a launched service's signal must carry."""
 
-_log = logging.getLogger("wirebus.ready")
+
+def _warn(message: str, *args: object) -> None:
+    """Log on the ``wirebus.ready`` logger (logging is imported when first needed: a service
+    that only reports ready never loads it on our account)."""
+    import logging
+
+    logging.getLogger("wirebus.ready").warning(message, *args)
 
 
 class ReadySignal(msgspec.Struct):
@@ -88,7 +96,7 @@ def _accept_signal(
 ) -> None:
     """Record ``signal`` in ``ready`` unless its identity is not one of ``names`` (logged)."""
     if names is not None and signal.identity not in names:
-        _log.warning(
+        _warn(
             "ignoring ready signal from unknown identity %r (pid %d) on %s; expecting %s",
             signal.identity,
             signal.pid,
@@ -104,7 +112,9 @@ class ReadyCheckReceiver(Resource):
 
     ``address`` None binds a fresh ``ipc://`` endpoint in a private directory (removed on
     close); ``address`` tells the endpoint actually bound. With a ``token``, signals carrying any
-    other token are ignored; with ``token=None`` every token is accepted. Without a ``context``
+    other token are ignored; with a mapping of identities to tokens, a signal counts only with
+    the token of the identity it claims (and only for an identity in the mapping); with
+    ``token=None`` every token is accepted. Without a ``context``
     the receiver uses a private one and terminates it on close, so every fd it opened is closed
     when :meth:`close` returns. Close it (or use it as a context manager, sync or async).
     """
@@ -114,10 +124,14 @@ class ReadyCheckReceiver(Resource):
         address: str | None = None,
         *,
         context: zmq.Context[Any] | None = None,
-        token: str | None = None,
+        token: str | Mapping[str, str] | None = None,
     ) -> None:
-        if token is not None and not isinstance(token, str):
-            raise TypeError(f"token must be a str or None, got {token!r}")
+        if isinstance(token, Mapping):
+            token = dict(token)
+            if not all(isinstance(key, str) and isinstance(t, str) for key, t in token.items()):
+                raise TypeError(f"tokens must map str identities to str tokens, got {token!r}")
+        elif token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a str, a mapping or None, got {token!r}")
         owned = address is None
         if address is None:
             address = new_ipc_address("ready")
@@ -126,7 +140,7 @@ class ReadyCheckReceiver(Resource):
         own_context = context is None
         if context is None:
             context = zmq.Context()
-        elif isinstance(context, zmq.asyncio.Context):
+        elif _is_asyncio_context(context):
             context = zmq.Context.shadow(context.underlying)
         try:
             sock: zmq.Socket[bytes] = context.socket(zmq.PULL)
@@ -144,7 +158,7 @@ class ReadyCheckReceiver(Resource):
             raise
         self._context = context if own_context else None
         self.address = bound
-        self.token = token
+        self.token: str | dict[str, str] | None = token
         self._sock = sock
         fd = sock.getsockopt(zmq.FD)
         assert isinstance(fd, int)
@@ -153,6 +167,11 @@ class ReadyCheckReceiver(Resource):
         self._pending: collections.deque[ReadySignal] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+
+    @property
+    def owns_address(self) -> bool:
+        """True when the receiver made its ``ipc://`` address (and removes its directory)."""
+        return self._owned_address is not None
 
     @property
     def closed(self) -> bool:
@@ -165,6 +184,8 @@ class ReadyCheckReceiver(Resource):
         ``TimeoutError`` naming the address when none arrives within ``timeout`` seconds;
         ``RuntimeError`` when the receiver is (or gets) closed or another call is waiting.
         """
+        import asyncio
+
         positive_timeout("timeout", timeout)
         if self._waiter is not None:
             raise RuntimeError(f"another receive() is already waiting on {self.address!r}")
@@ -186,6 +207,8 @@ class ReadyCheckReceiver(Resource):
         are then logged and ignored). ``ReadyTimeoutError`` names who is still missing when
         ``timeout`` seconds pass first.
         """
+        import asyncio
+
         names, count = _expected_names(expected)
         positive_timeout("timeout", timeout)
         loop = asyncio.get_running_loop()
@@ -248,14 +271,29 @@ class ReadyCheckReceiver(Resource):
     def _decode(self, frame: bytes) -> ReadySignal | None:
         try:
             signal = _DECODER.decode(frame)
-        except msgspec.DecodeError as exc:
-            _log.warning(
-                "ignoring undecodable message of %d bytes on %s: %s", len(frame), self.address, exc
+        except Exception as exc:  # any bytes: msgspec errors, RecursionError, MemoryError...
+            _warn(
+                "ignoring a malformed message of %d bytes on %s: %s: %.200s",
+                len(frame),
+                self.address,
+                type(exc).__name__,
+                exc,
             )
             return None
-        if self.token is not None and signal.token != self.token:
-            _log.warning(
-                "ignoring ready signal from %r (pid %d) on %s: token %r is stale or foreign",
+        expected = self.token
+        if isinstance(expected, dict):
+            expected = expected.get(signal.identity)
+            if expected is None:
+                _warn(
+                    "ignoring ready signal from unknown identity %r (pid %d) on %s",
+                    signal.identity,
+                    signal.pid,
+                    self.address,
+                )
+                return None
+        if expected is not None and signal.token != expected:
+            _warn(
+                "ignoring ready signal from %r (pid %d) on %s: token %r is stale or not its own",
                 signal.identity,
                 signal.pid,
                 self.address,
@@ -285,6 +323,13 @@ class ReadyCheckReceiver(Resource):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<ReadyCheckReceiver {self.address!r} {state}>"
+
+
+def _is_asyncio_context(context: zmq.Context[Any]) -> bool:
+    """True for a ``zmq.asyncio.Context`` (without importing zmq.asyncio, which pulls in asyncio
+    machinery a service that only reports ready never needs)."""
+    module = sys.modules.get("zmq.asyncio")
+    return module is not None and isinstance(context, module.Context)
 
 
 def _encode_signal(identity: str, info: Mapping[str, Any] | None, token: str) -> bytes:
@@ -344,16 +389,43 @@ def send_ready_signal(
         context.term()
 
 
+class _Launch(NamedTuple):
+    """What a launched process needs to report ready: where, as whom, with which token."""
+
+    address: str
+    identity: str
+    token: str
+
+
+_taken: _Launch | None = None
+
+
+def _take_launch_env() -> _Launch | None:
+    """Remove the launcher's variables from ``os.environ`` (so this process's own children do
+    not take themselves for launched services) and keep them for :func:`notify_ready`."""
+    global _taken
+    address = os.environ.pop(READY_ADDRESS_ENV, "")
+    identity = os.environ.pop(SERVICE_NAME_ENV, "")
+    token = os.environ.pop(READY_TOKEN_ENV, "")
+    if address and identity:
+        _taken = _Launch(address, identity, token)
+    return _taken
+
+
 def notify_ready(info: Mapping[str, Any] | None = None, *, timeout: float = 5.0) -> None:
     """Tell the :class:`~wirebus.ServiceLauncher` that started this process that it is ready.
 
     Reads the address, identity and token from ``WIREBUS_READY_ADDRESS``,
-    ``WIREBUS_SERVICE_NAME`` and ``WIREBUS_READY_TOKEN``; a no-op when the first two are not
-    set (the process was not started by a launcher). See :func:`send_ready_signal`.
+    ``WIREBUS_SERVICE_NAME`` and ``WIREBUS_READY_TOKEN`` (inside :func:`~wirebus.run_service`,
+    which takes them out of the environment, from what it took); a no-op when the process was
+    not started by a launcher. See :func:`send_ready_signal`.
     """
     address = os.environ.get(READY_ADDRESS_ENV)
     identity = os.environ.get(SERVICE_NAME_ENV)
-    if not address or not identity:
+    if address and identity:
+        token = os.environ.get(READY_TOKEN_ENV, "")
+    elif _taken is not None:
+        address, identity, token = _taken.address, _taken.identity, _taken.token
+    else:
         return
-    token = os.environ.get(READY_TOKEN_ENV, "")
     send_ready_signal(address, identity, info, timeout=timeout, token=token)

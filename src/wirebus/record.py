@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
-from wirebus.codec import MsgspecCodec, make_topic
+from wirebus.codec import MsgspecCodec, RunEncoding, make_topic
 
 __all__ = [
     "ERROR_TOPIC",
@@ -114,8 +114,12 @@ class TextModelOutput(msgspec.Struct, tag="output", omit_defaults=True):
     n_tokens: int | None = None
 
 
-class EventRecord(msgspec.Struct, omit_defaults=True):
-    """One event: its type, when it happened (``time.monotonic_ns()``), which sample, details."""
+class EventRecord(msgspec.Struct, omit_defaults=True, frozen=True):
+    """One event: its type, when it happened (``time.monotonic_ns()``), which sample, details.
+
+    Frozen: a publisher may encode a record after ``publish()`` returned, so it cannot change
+    in between.
+    """
 
     event_type: AnyEventType
     timestamp_ns: int = msgspec.field(default_factory=time.monotonic_ns)
@@ -137,6 +141,14 @@ class EventRecordCodec(MsgspecCodec[EventRecord]):
 
     def encode(self, item: EventRecord) -> tuple[bytes, bytes]:
         return item.event_type.topic, self._encode_payload(item)
+
+    def topic(self, item: EventRecord) -> bytes:
+        if item.__class__ is not EventRecord and not isinstance(item, EventRecord):
+            raise TypeError(f"{self!r} encodes EventRecord, got {type(item).__name__}: {item!r}")
+        return item.event_type.topic
+
+    def run_encoding(self) -> RunEncoding[EventRecord]:
+        return RunEncoding(self.topic, self._encoder.encode)
 
     def _dec_hook(self, type_: type[Any], obj: Any) -> Any:
         if type_ is EventType:

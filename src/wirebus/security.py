@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils import z85
 
+from wirebus._resource import Resource
+
 if TYPE_CHECKING:  # imported when needed: zmq.auth pulls in zmq.asyncio
     from zmq.auth.thread import ThreadAuthenticator
 
@@ -38,9 +40,9 @@ __all__ = [
     "save_curve_keypair",
 ]
 
-logger = logging.getLogger("wirebus.security")
+_log = logging.getLogger("wirebus.security")
 
-ZAP_DOMAIN = b"wirebus"
+_ZAP_DOMAIN = b"wirebus"
 """The ZAP domain of every wirebus CURVE server socket."""
 
 _MAX_WARNED_KEYS = 64
@@ -218,7 +220,7 @@ def load_curve_public_keys(directory: str | os.PathLike[str]) -> list[bytes]:
 # -- applying the settings to a socket (used by wirebus.transport) ---------------------------
 
 
-def check_curve(curve: CurveServer | CurveClient | None, address: str) -> None:
+def _check_curve(curve: CurveServer | CurveClient | None, address: str) -> None:
     """``TypeError``/``ValueError`` for settings that cannot work with ``address``."""
     if curve is None:
         return
@@ -231,18 +233,18 @@ def check_curve(curve: CurveServer | CurveClient | None, address: str) -> None:
         )
 
 
-def needs_authenticator(curve: CurveServer | CurveClient | None) -> bool:
+def _needs_authenticator(curve: CurveServer | CurveClient | None) -> bool:
     """True when ``curve`` is a server with an allow-list, so it needs a private context."""
     return isinstance(curve, CurveServer) and curve.allowed_clients is not None
 
 
-def configure(sock: zmq.Socket[Any], curve: CurveServer | CurveClient | None) -> None:
+def _configure(sock: zmq.Socket[Any], curve: CurveServer | CurveClient | None) -> None:
     """Set the CURVE options of ``sock`` (before it binds or connects)."""
     if isinstance(curve, CurveServer):
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
         sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
-        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        sock.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
         if curve.allowed_clients is not None:
             # Fail closed: without a ZAP handler (e.g. once it is stopped at close) libzmq
             # would otherwise let every client in.
@@ -253,11 +255,11 @@ def configure(sock: zmq.Socket[Any], curve: CurveServer | CurveClient | None) ->
         sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
 
 
-class Authenticator:
+class _Authenticator(Resource):
     """The ZAP handler of one private context: admits the CURVE clients on an allow-list.
 
     Runs pyzmq's ``ThreadAuthenticator`` (a thread and two inproc sockets in ``context``);
-    :meth:`stop` must be called before ``context.term()``. ``owner`` names the socket in log
+    :meth:`close` must be called before ``context.term()``. ``owner`` names the socket in log
     messages. ``rejected`` counts refused
     handshakes; the first refusal of each key (up to 64 keys) is logged as a warning on the
     ``wirebus.security`` logger, later ones at debug level (a refused client retries).
@@ -277,10 +279,10 @@ class Authenticator:
         try:
             self._auth.start()
             self._auth.configure_curve_callback(
-                domain=ZAP_DOMAIN.decode(), credentials_provider=self
+                domain=_ZAP_DOMAIN.decode(), credentials_provider=self
             )
         except BaseException:
-            self.stop()
+            self.close()
             raise
 
     def callback(self, domain: str, client_key: bytes) -> bool:
@@ -290,16 +292,16 @@ class Authenticator:
         self.rejected += 1
         if client_key not in self._warned and len(self._warned) < _MAX_WARNED_KEYS:
             self._warned.add(client_key)
-            logger.warning(
+            _log.warning(
                 "%s: refused a CURVE client whose public key %s is not allowed",
                 self.owner,
                 client_key.decode("ascii", "replace"),
             )
         else:
-            logger.debug("%s: refused CURVE client %r", self.owner, client_key)
+            _log.debug("%s: refused CURVE client %r", self.owner, client_key)
         return False
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Stop the thread and close its sockets; idempotent."""
         auth, self._auth = self._auth, None
         if auth is not None:

@@ -30,14 +30,16 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pytest
 
 from wirebus._aio import positive_timeout
 from wirebus._endpoint import new_ipc_address, remove_ipc_dir
 from wirebus.codec import MessageCodec
-from wirebus.transport import T, ZmqMessageSubscriber
+from wirebus.transport import ZmqMessageSubscriber
+
+T = TypeVar("T")
 
 try:
     from pytest_asyncio import fixture as _async_fixture

@@ -4,4 +4,10 @@
 - :mod:`~wirebus.services.event_logger`: writes every event as a JSON line.
 - :mod:`~wirebus.services.metrics_aggregator`: turns events into metrics in a KV store and
   publishes live :class:`~wirebus.services.metrics_aggregator.MetricsSnapshot` messages.
+
+:func:`drain` is for any subscriber that must lose nothing when its service stops.
 """
+
+from wirebus.services._base import drain as drain
+
+__all__ = ["drain"]

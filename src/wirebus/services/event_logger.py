@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 import msgspec
 
-from wirebus.launcher import ServiceContext, run_service
 from wirebus.record import EventRecord, EventRecordCodec, SessionEventType
-from wirebus.services._base import HandlerSubscriber, drain
+from wirebus.service import ServiceContext, run_service
+from wirebus.services import drain
+from wirebus.services._base import HandlerSubscriber
 
 __all__ = ["JsonLinesWriter", "log_files"]
 

@@ -21,16 +21,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 
+from wirebus._aio import positive_timeout
 from wirebus._endpoint import new_ipc_address, remove_ipc_dir
 from wirebus.codec import MsgspecCodec
 from wirebus.kvstore import BasicKVStore, KVStore, KVStoreReader, SeriesSummary
-from wirebus.launcher import ServiceContext, run_service
 from wirebus.record import (
     ErrorEventType,
     EventRecord,
@@ -39,7 +40,9 @@ from wirebus.record import (
     SessionEventType,
     TextModelOutput,
 )
-from wirebus.services._base import HandlerSubscriber, drain
+from wirebus.service import ServiceContext, run_service
+from wirebus.services import drain
+from wirebus.services._base import HandlerSubscriber
 from wirebus.transport import ZmqMessagePublisher
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
 
 COUNTERS = (
     "events",
+    "events_rejected",
     "samples_issued",
     "samples_completed",
     "samples_failed",
@@ -75,6 +79,9 @@ GAUGES = (
 )
 SERIES = ("ttft_ms", "latency_ms", "tpot_ms", "chunk_gap_ms")
 
+_log = logging.getLogger("wirebus.services.metrics_aggregator")
+
+_LOGGED_REJECTS = 10
 _MS = 1e-6  # ns -> ms
 _S = 1e-9  # ns -> s
 
@@ -87,13 +94,24 @@ class _Sample:
     chunks_ns: list[int] = field(default_factory=list)
 
 
+def _problem(record: EventRecord) -> str | None:
+    """Why ``record`` cannot be accounted for, or None. Checked before any state changes, so a
+    rejected record leaves no trace but its count."""
+    data = record.data
+    if isinstance(data, TextModelOutput) and data.n_tokens is not None and data.n_tokens < 0:
+        return f"n_tokens is negative ({data.n_tokens})"
+    return None
+
+
 class MetricsAggregator:
     """The aggregation itself, apart from any socket: feed it records with :meth:`handle`.
 
     Metrics (names in :data:`COUNTERS`, :data:`GAUGES`, :data:`SERIES`):
 
-    - ``events``: every record handled; ``samples_issued/completed/failed``: all samples,
-      warm-up included; ``errors``: error events other than a sample failure;
+    - ``events``: every record handled, rejected ones included; ``events_rejected``: records
+      left out because they cannot be right (a negative ``n_tokens``; the first 10 are
+      logged); ``samples_issued/completed/failed``: all samples, warm-up included;
+      ``errors``: error events other than a sample failure;
       ``orphan_events``: sample events for a sample not in flight (not issued, or finished).
     - ``perf_samples_issued/completed/failed`` and ``perf_output_tokens``: tracked samples.
     - ``in_flight``: issued, not yet completed or failed; ``tracking``: 1 while tracking;
@@ -116,10 +134,17 @@ class MetricsAggregator:
         self._newest_ns = 0
 
     def handle(self, records: Iterable[EventRecord]) -> None:
-        """Account for ``records``, in order."""
+        """Account for ``records``, in order; a record that cannot be right is counted in
+        ``events_rejected``, logged and skipped, and the others are accounted for."""
         counters = self.counters
         for record in records:
             counters["events"].inc()
+            problem = _problem(record)
+            if problem is not None:
+                counters["events_rejected"].inc()
+                if counters["events_rejected"].value <= _LOGGED_REJECTS:
+                    _log.warning("rejected %r: %s", record, problem)
+                continue
             event = record.event_type
             if isinstance(event, SampleEventType):
                 self._sample_event(record, event)
@@ -229,15 +254,22 @@ class MetricsSnapshotCodec(MsgspecCodec[MetricsSnapshot]):
 
 
 async def wait_for_events(reader: KVStoreReader, count: int, timeout: float = 10.0) -> int:
-    """Return the aggregator's ``events`` count once it reaches ``count`` or ``timeout`` ends.
+    """Return the aggregator's ``events`` count once it reaches ``count``.
 
     A harness calls this after flushing its publisher, before it reads final metrics: the
-    store then holds every event it published (compare the result with ``count``).
+    store then holds every event it published. ``TimeoutError``, saying how many were counted,
+    when ``timeout`` seconds pass first.
     """
+    positive_timeout("timeout", timeout)
     deadline = time.monotonic() + timeout
     counted = int(reader.get("events"))
-    while counted < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    while counted < count:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"the store at {reader.path!r} counted {counted} of {count} events "
+                f"within {timeout} s"
+            )
+        await asyncio.sleep(0.01)  # polling the store: a writer in another process, no event
         counted = int(reader.get("events"))
     return counted
 

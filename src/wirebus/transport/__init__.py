@@ -1,0 +1,29 @@
+"""Pub/sub: typed publishers and subscribers over ZeroMQ, asyncio native, batching.
+
+A :class:`ZmqMessagePublisher` queues items in ``publish()`` (which never blocks) and sends
+them in runs: consecutive items of one topic go out in one single-frame ZMQ message, encoded in
+one call when the codec offers run encoding. A :class:`ZmqMessageSubscriber` drains its socket
+in a reader callback and hands decoded batches to ``process()``. Every message carries the
+publisher's id and per-topic sequence numbers, so a subscriber counts what the transport
+dropped (``stats.dropped``).
+
+Behind this module: ``_wire`` (the bytes of a message, docs/wire-format.md), ``_socket``
+(socket set-up and release for both sides), ``_publisher`` and ``_sender`` (``publish()`` and
+who sends), ``_subscriber`` and ``_decoder`` (reading, and frames to items).
+"""
+
+from wirebus.transport._base import MessagePublisher, MessageSubscriber
+from wirebus.transport._decoder import SubscriberStats
+from wirebus.transport._publisher import PublisherStats, ZmqMessagePublisher
+from wirebus.transport._subscriber import ZmqMessageSubscriber
+from wirebus.transport._wire import WIRE_VERSION
+
+__all__ = [
+    "WIRE_VERSION",
+    "MessagePublisher",
+    "MessageSubscriber",
+    "PublisherStats",
+    "SubscriberStats",
+    "ZmqMessagePublisher",
+    "ZmqMessageSubscriber",
+]

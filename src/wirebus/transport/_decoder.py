@@ -1,0 +1,163 @@
+"""Frames to items on the subscriber's side: parsing, decoding, and counting what is missing.
+
+:class:`FrameDecoder` decodes a run-form message in one codec call where it can, item by item
+otherwise (so that each bad payload reaches ``on_decode_error``), and keeps, per publisher and
+topic, the next sequence number it expects: a bounded table, in which a jump no real publisher
+could make counts as a new incarnation rather than as items dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import msgspec
+
+from wirebus.codec import MessageCodec, run_decoder_of
+from wirebus.transport import _wire
+from wirebus.transport._base import RateLimitedLog
+
+T = TypeVar("T")
+
+MAX_TRACKED = 4096
+"""(publisher, topic) pairs whose sequence numbers a subscriber tracks; the least recently
+heard is forgotten first."""
+MAX_GAP = 2**32
+"""A larger jump in sequence numbers is not a count of dropped items but a new incarnation."""
+
+_split_run = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
+Failure = tuple[Exception, bytes | None]
+
+
+@dataclass
+class SubscriberStats:
+    """Counters of one subscriber.
+
+    ``received`` counts items that arrived (whether or not they decoded), ``dropped`` the items
+    known to be missing from sequence gaps, ``recovered`` the items fetched again from a
+    publisher's replay buffer, ``decode_errors`` payloads the codec rejected,
+    ``process_errors`` failed ``process()`` calls, ``malformed`` ZMQ messages that are not in
+    the wirebus wire format, ``resets`` sequence jumps too large to be drops (a forged frame or
+    a publisher's new incarnation), ``disconnects`` connections lost and ``handshake_failures``
+    connections refused (each logged; a connecting subscriber connects anew).
+    """
+
+    received: int = 0
+    dropped: int = 0
+    recovered: int = 0
+    decode_errors: int = 0
+    process_errors: int = 0
+    malformed: int = 0
+    resets: int = 0
+    disconnects: int = 0
+    handshake_failures: int = 0
+    messages: int = 0
+
+
+class FrameDecoder(Generic[T]):
+    """Decodes frames into items for one subscriber, updating its :class:`SubscriberStats`."""
+
+    def __init__(self, codec: MessageCodec[T], stats: SubscriberStats, conflate: bool) -> None:
+        self._codec = codec
+        self._decode_run: Callable[[bytes | memoryview], list[T]] | None = run_decoder_of(codec)
+        self._stats = stats
+        self._conflate = conflate
+        self._next_seq: dict[tuple[int, bytes], int] = {}
+        self._log = RateLimitedLog()
+
+    @property
+    def tracked(self) -> int:
+        """How many (publisher, topic) pairs are tracked now (at most :data:`MAX_TRACKED`)."""
+        return len(self._next_seq)
+
+    def decode(self, frame: bytes, items: list[T], failures: list[Failure]) -> None:
+        """Append ``frame``'s items to ``items``; what failed, with its payload, to
+        ``failures`` (for ``on_error``)."""
+        stats = self._stats
+        stats.messages += 1
+        try:
+            header = _wire.unpack(frame)
+            decoded, payloads = self._split(frame, header)
+        except ValueError as exc:
+            stats.malformed += 1
+            failures.append((ValueError(f"malformed message of {len(frame)} bytes: {exc}"), frame))
+            return
+        self._count(header)
+        if self._conflate and header.items > 1:  # only the newest item of the message
+            stats.dropped += header.items - 1
+            if decoded is not None:
+                decoded = decoded[-1:]
+            payloads = payloads[-1:]
+        stats.received += 1 if self._conflate else header.items
+        if decoded is not None:
+            items.extend(decoded)
+            return
+        decode = self._codec.decode
+        for payload in payloads:
+            try:
+                items.append(decode(payload))
+            except Exception as exc:
+                stats.decode_errors += 1
+                try:
+                    fallback = self._codec.on_decode_error(payload, exc)
+                except Exception as raised:
+                    failures.append((raised, bytes(payload)))
+                    continue
+                if fallback is not None:
+                    items.append(fallback)
+
+    def _split(self, frame: bytes, header: _wire.Frame) -> tuple[list[T] | None, list[memoryview]]:
+        """The items decoded in one call, or ``None`` and the payloads to decode one by one.
+
+        ``ValueError`` when the body does not hold ``count`` items.
+        """
+        body = memoryview(frame)[header.offset :]
+        count = header.items
+        if header.lengths is not None:  # the table form: its lengths are the boundaries
+            payloads, offset = [], 0
+            for length in header.lengths:
+                payloads.append(body[offset : offset + length])
+                offset += length
+            return None, payloads
+        if self._decode_run is not None:
+            try:
+                decoded = self._decode_run(body)
+            except Exception:
+                pass  # some item is bad: split the run, so each failure is handled
+            else:
+                if len(decoded) == count:
+                    return decoded, []
+        try:
+            raws = _split_run(body)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"the run is not a msgpack array: {exc}") from None
+        if len(raws) != count:
+            raise ValueError(f"the run holds {len(raws)} items, the header says {count}")
+        return None, [memoryview(raw) for raw in raws]
+
+    def _count(self, header: _wire.Frame) -> None:
+        """Update the expected sequence number of the frame's publisher and topic."""
+        key = (header.publisher, header.topic)
+        table = self._next_seq
+        expected = table.pop(key, None)  # re-inserted below: the table is least recently used
+        if expected is None:
+            expected = 0
+            if len(table) >= MAX_TRACKED:
+                del table[next(iter(table))]
+        gap = header.first - expected
+        if 0 < gap <= MAX_GAP:
+            self._stats.dropped += gap
+        elif gap:
+            self._stats.resets += 1
+            self._log(
+                logging.WARNING,
+                f"publisher {header.publisher:#x} topic {_show(header.topic)}: sequence number "
+                f"{header.first} where {expected} was due; counted as a reset, not as drops",
+            )
+        table[key] = header.first + header.items
+
+
+def _show(topic: bytes) -> str:
+    return repr(topic.rstrip(b"\0"))
