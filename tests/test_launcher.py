@@ -622,7 +622,7 @@ def test_a_launcher_closes_the_resource_way_from_sync_code_too(service: Service)
 async def test_close_while_starting_says_to_await_stop(service: Service) -> None:
     launcher = ServiceLauncher(ready_timeout=30)
     starting = asyncio.ensure_future(launcher.start([service("n", "never")]))
-    await _poll(_log_has(launcher, "n", "waiting"), 20)
+    await wait_until_async(_log_has(launcher, "n", "waiting"), "n's log to say waiting")
     with pytest.raises(RuntimeError, match="await stop"):
         launcher.close()
     await launcher.aclose()
