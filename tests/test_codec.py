@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _support import Tick
 from wirebus import (
     TOPIC_FRAME_SIZE,
     ErrorData,
@@ -20,11 +21,6 @@ from wirebus import (
 )
 from wirebus.codec import check_codec, run_decoder_of, run_encoding_of
 from wirebus.record import ERROR_TOPIC, SAMPLE_TOPIC, SESSION_TOPIC
-
-
-class Tick(msgspec.Struct):
-    seq: int
-    price: float = 0.0
 
 
 def test_make_topic_pads_to_fixed_width() -> None:
