@@ -39,7 +39,7 @@ $(STAMP): $(RUNTIME)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
-	$(VENV)/bin/mypy --strict src tests/typing
+	$(VENV)/bin/mypy --strict src tests/typing examples/harness
 
 test: lint
 	$(PYTHON) -m pytest

@@ -203,7 +203,7 @@ class Trade(msgspec.Struct, tag="trade"):
 
 def test_a_union_of_tagged_structs_is_one_codec_with_a_repr_that_works() -> None:
     """Two message types on one socket: the natural way, and its repr must not raise."""
-    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")  # type: ignore[arg-type]
+    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")
     assert "Quote" in repr(codec)
     assert "Trade" in repr(codec)
     for item in (Quote(1.0), Trade(2.0)):

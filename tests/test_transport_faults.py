@@ -64,7 +64,7 @@ class Recording(ZmqMessagePublisher[Tick]):
 
 
 async def test_a_union_of_tagged_structs_travels_on_one_socket(wirebus_address: str) -> None:
-    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")  # type: ignore[arg-type]
+    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")
     async with Collector(codec, wirebus_address) as subscriber:
         with ZmqMessagePublisher(codec, wirebus_address) as publisher:
             assert "Quote | " in repr(publisher)

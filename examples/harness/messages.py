@@ -32,7 +32,7 @@ class Done(msgspec.Struct, tag="done", frozen=True):
 HarnessMessage = Request | Response | Done
 
 # One topic per type, so that a subscriber can take only the types it wants.
-TOPICS = {
+TOPICS: dict[type[HarnessMessage], bytes] = {
     Request: make_topic("request"),
     Response: make_topic("response"),
     Done: make_topic("done"),
