@@ -36,20 +36,12 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import wirebus.kvstore as kvstore
+from _support import wait_until
 from wirebus import _paths
 from wirebus.errors import KVStoreError
 from wirebus.kvstore import BasicKVStore, KVStore, KVStoreReader, SeriesSummary, cleanup_stale
 
 HERE = Path(__file__).resolve()
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll ``condition`` until it holds; fail the test naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
 
 
 def spawn(role: str, *args: object, capture: bool = True) -> subprocess.Popen[str]:
@@ -319,7 +311,7 @@ def test_readers_never_see_torn_values_while_a_writer_hammers_and_grows(shm_dir:
     readers = [spawn("hammer-reader", path, done) for _ in range(2)]
     writer = spawn("hammer-writer", path, done, 1.2, len(readers))
     try:
-        wait_for(lambda: (path / "chunk-000000").exists(), "the writer's store")
+        wait_until(lambda: (path / "chunk-000000").exists(), "the writer's store")
         files: dict[str, tuple[int, int]] = {}
         while writer.poll() is None:
             for name in chunk_files(path):
@@ -357,11 +349,11 @@ def test_writer_killed_mid_append_leaves_a_consistent_prefix(shm_dir: Path) -> N
     path = shm_dir / "store"
     proc = spawn("appender", path, capture=False)
     try:
-        wait_for(lambda: (path / "chunk-000000").exists(), "the appender's store")
+        wait_until(lambda: (path / "chunk-000000").exists(), "the appender's store")
         with KVStoreReader(path) as reader:
-            wait_for(lambda: reader.keys() == ["s", "appends"], "the keys")
+            wait_until(lambda: reader.keys() == ["s", "appends"], "the keys")
             view = reader.series("s")
-            wait_for(lambda: len(view) > 50_000, "50,000 values")
+            wait_until(lambda: len(view) > 50_000, "50,000 values")
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
             assert proc.returncode == -signal.SIGKILL
