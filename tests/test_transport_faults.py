@@ -60,6 +60,16 @@ class Recording(ZmqMessagePublisher[Tick]):
         raise RuntimeError("on_error itself fails")
 
 
+async def _send_until(raw: zmq.Socket[bytes], frame: bytes, condition: Any) -> None:
+    """Send ``frame`` from a raw PUB until ``condition()``: a raw PUB cannot wait for the
+    subscription, so it probes (with a deadline) until one frame got through."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "no probe got through within 10 s"
+        raw.send(frame)
+        await asyncio.sleep(0.01)  # pacing the probes, with a deadline
+
+
 # -- the send step -------------------------------------------------------------------------
 
 
@@ -260,11 +270,9 @@ async def test_forged_frames_cannot_grow_the_sequence_table_or_fake_drops(
         with ctx.socket(zmq.PUB) as raw:
             raw.connect(wirebus_address)
             raw.setsockopt(zmq.SNDHWM, 0)
-            deadline = time.monotonic() + 10
-            while not subscriber.items:  # until the subscription reached the raw PUB
-                assert time.monotonic() < deadline
-                raw.send(build_frame(topic, 1, 0, [payload]))
-                await asyncio.sleep(0.01)  # a raw PUB cannot wait for subscribers
+            await _send_until(
+                raw, build_frame(topic, 1, 0, [payload]), lambda: bool(subscriber.items)
+            )
             base = subscriber.stats.received
             raw.send(build_frame(topic, 2, 0, [payload]))
             raw.send(build_frame(topic, 2, 2**63, [payload]))  # an implausible jump
@@ -287,11 +295,9 @@ async def test_the_length_table_is_honoured_even_when_the_run_would_decode(
     async with Collector(tick_codec(), wirebus_address, connect=False) as subscriber:
         with ctx.socket(zmq.PUB) as raw:
             raw.connect(wirebus_address)
-            deadline = time.monotonic() + 10
-            while not subscriber.items:
-                assert time.monotonic() < deadline
-                raw.send(build_frame(make_topic("tick"), 1, 0, [one]))
-                await asyncio.sleep(0.01)  # a raw PUB cannot wait for subscribers
+            await _send_until(
+                raw, build_frame(make_topic("tick"), 1, 0, [one]), lambda: bool(subscriber.items)
+            )
             raw.send(build_frame(make_topic("tick"), 2, 0, lying))
             await subscriber.wait_until(lambda: subscriber.stats.decode_errors == 2)
     assert all(item == Tick(1) for item in subscriber.items)
@@ -313,11 +319,7 @@ async def test_a_flood_of_garbage_is_logged_a_few_times_and_counted_in_full(
         subscriber.on_error = ZmqMessageSubscriber.on_error.__get__(subscriber)  # the default
         with ctx.socket(zmq.PUB) as raw:
             raw.connect(wirebus_address)
-            deadline = time.monotonic() + 10
-            while not subscriber.stats.malformed:
-                assert time.monotonic() < deadline
-                raw.send(b"garbage")
-                await asyncio.sleep(0.01)  # a raw PUB cannot wait for subscribers
+            await _send_until(raw, b"garbage", lambda: bool(subscriber.stats.malformed))
             for _ in range(1000):
                 raw.send(b"garbage")
             await subscriber.wait_until(lambda: subscriber.stats.malformed >= 1000)
@@ -419,11 +421,11 @@ async def test_raw_peers_and_wirebus_speak_both_forms(wirebus_address: str) -> N
     async with Collector(tick_codec(), wirebus_address, connect=False) as subscriber:
         with ctx.socket(zmq.PUB) as pub:
             pub.connect(wirebus_address)
-            deadline = time.monotonic() + 10
-            while not subscriber.items:
-                assert time.monotonic() < deadline
-                pub.send(build_frame(make_topic("tick"), 5, 0, [payload]))
-                await asyncio.sleep(0.01)  # a raw PUB cannot wait for subscribers
+            await _send_until(
+                pub,
+                build_frame(make_topic("tick"), 5, 0, [payload]),
+                lambda: bool(subscriber.items),
+            )
             pub.send(build_frame(make_topic("tick"), 6, 0, [payload] * 3, run=True))
             pub.send(build_frame(make_topic("tick"), 7, 0, [payload] * 2, version=1))
             await subscriber.wait_until(lambda: subscriber.stats.received >= 6)
