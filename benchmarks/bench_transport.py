@@ -428,7 +428,7 @@ def main() -> None:
     print(
         f"\nPub/sub over ipc, 2 processes, EventRecord of {size} B, median of {args.rounds} rounds"
     )
-    print(f"{'measure':<62}{'value':>16}  ratio and target")
+    print(f"{'measure':<66}{'value':>16}  ratio and target")
     rows = [
         ("publish() per item, records/s", f"{rate['wirebus']:,.0f}", ""),
         ("publish_many() of 64-item runs, records/s", f"{rate['wirebus-many']:,.0f}", ""),
@@ -464,7 +464,7 @@ def main() -> None:
             f"{median_ratio(name, 'p50_us', raw, 'p50_us'):.2f}x",
         ))  # fmt: skip
     for label, value, ratio in rows:
-        print(f"{label:<62}{value:>16}  {ratio}")
+        print(f"{label:<66}{value:>16}  {ratio}")
     print(f"wirebus messages per run: {runs['wirebus'][0]['messages']:,} for {n:,} records")
 
 
