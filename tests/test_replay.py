@@ -1,0 +1,194 @@
+"""Replay and recovery (issue 12), with real sockets and processes: the publisher's replay
+endpoint spoken to by hand from docs/wire-format.md, bad and hostile requests, CURVE on the
+replay endpoint, and subscribers that get back what they missed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from _peers import announced_endpoint, parse_frame
+from test_security import client, keys, server  # noqa: F401  (keys is a fixture)
+from wirebus import (
+    EventRecord,
+    EventRecordCodec,
+    SampleEventType,
+    ZmqMessagePublisher,
+    make_topic,
+)
+from wirebus.testing import CollectingSubscriber
+
+PEERS = str(Path(__file__).with_name("_replay_peers.py"))
+SAMPLE = make_topic("sample")
+
+# The replay protocol written by hand from docs/wire-format.md (not imported from _wire).
+_REQUEST = struct.Struct("<BBHIQQ")
+_REPLY = struct.Struct("<BBHI")
+_END = struct.Struct("<QB")
+ITEMS, END, ERROR = 2, 3, 4
+
+
+def request(topic: bytes, request_id: int, first: int, end: int) -> bytes:
+    return topic + _REQUEST.pack(2, 1, 0, request_id, first, end)
+
+
+def records(start: int, stop: int) -> list[EventRecord]:
+    return [EventRecord(SampleEventType.ISSUED, timestamp_ns=i) for i in range(start, stop)]
+
+
+@pytest.fixture
+def dealer() -> Iterator[zmq.Socket[bytes]]:
+    with zmq.Context() as context, context.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        yield sock
+
+
+def ask(sock: zmq.Socket[bytes], message: bytes) -> list[tuple[int, int, bytes]]:
+    """Send one request; the replies ``(kind, request id, body)`` up to and with the end
+    marker or an error."""
+    sock.send(message)
+    replies = []
+    while True:
+        assert sock.poll(10_000), f"no reply after {replies}"
+        header, body = sock.recv_multipart()
+        _version, kind, _reserved, request_id = _REPLY.unpack(header)
+        replies.append((kind, request_id, body))
+        if kind in (END, ERROR):
+            return replies
+
+
+def replayed(replies: list[tuple[int, int, bytes]]) -> list[int]:
+    """The timestamps (= sequence numbers here) of the items in ``ITEMS`` replies."""
+    codec = EventRecordCodec()
+    seqs = []
+    for kind, _id, body in replies:
+        if kind == ITEMS:
+            topic, _publisher, first, payloads = parse_frame(body)
+            assert topic == SAMPLE
+            for i, payload in enumerate(payloads):
+                assert codec.decode(payload).timestamp_ns == first + i
+                seqs.append(first + i)
+    return seqs
+
+
+# -- the publisher's replay endpoint ---------------------------------------------------------
+
+
+async def test_replay_serves_the_newest_items_as_the_messages_sent(
+    wirebus_address: str, dealer: zmq.Socket[bytes]
+) -> None:
+    with ZmqMessagePublisher(EventRecordCodec(), wirebus_address, replay=300) as publisher:
+        assert publisher.replay_address == f"{wirebus_address}.replay"
+        publisher.publish_many(records(0, 1000))
+        await publisher.flush(timeout=10)
+        dealer.connect(publisher.replay_address)
+        replies = ask(dealer, request(SAMPLE, 41, 0, 2000))
+        # whole messages holding at least the newest 300 items, then the end marker
+        seqs = replayed(replies)
+        assert seqs == list(range(seqs[0], 1000))
+        assert 300 <= len(seqs) < 300 + 128
+        assert {request_id for _, request_id, _ in replies} == {41}
+        assert replies[-1][0] == END
+        assert _END.unpack(replies[-1][2]) == (1000, 0)
+        for _kind, _id, body in replies[:-1]:
+            assert announced_endpoint(body) == publisher.replay_address.encode()
+        # a range inside the buffer: only the messages that hold it
+        inside = replayed(ask(dealer, request(SAMPLE, 42, 900, 901)))
+        assert 900 in inside
+        assert len(inside) <= 128
+        # another topic: nothing, and the end marker says so
+        assert ask(dealer, request(make_topic("other"), 43, 0, 10)) == [(END, 43, _END.pack(0, 0))]
+
+
+async def test_bad_huge_and_flood_requests_leave_the_publisher_working(
+    wirebus_address: str, dealer: zmq.Socket[bytes]
+) -> None:
+    n = 20_000
+    with ZmqMessagePublisher(EventRecordCodec(), wirebus_address, replay=n) as publisher:
+        publisher.publish_many(records(0, n))
+        await publisher.flush(timeout=10)
+        dealer.connect(publisher.replay_address)
+        for bad in (b"garbage", request(SAMPLE, 1, 0, 10)[:-1], request(SAMPLE, 1, 10, 10)):
+            [(kind, request_id, text)] = ask(dealer, bad)
+            assert (kind, request_id) == (ERROR, 0)
+            assert text
+        # a range as large as a request can say: one chunk of messages, and "more"
+        huge = ask(dealer, request(SAMPLE, 2, 0, 2**64 - 1))
+        assert 0 < len(huge) - 1 <= 64
+        after, more = _END.unpack(huge[-1][2])
+        assert more == 1
+        assert after == replayed(huge)[-1] + 1
+        # a flood that never reads its answers, while a subscriber gets live items
+        async with CollectingSubscriber(EventRecordCodec(), publisher.address) as subscriber:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            with zmq.Context() as context, context.socket(zmq.DEALER) as flood:
+                flood.linger = 0
+                flood.connect(publisher.replay_address)
+                accepted = 0
+                for i in range(5000):  # until ZMQ pushes back: what a flood can queue is bounded
+                    with contextlib.suppress(zmq.Again):
+                        flood.send(request(SAMPLE, i, 0, 2**64 - 1), zmq.NOBLOCK)
+                        flood.send(os.urandom(i % 100), zmq.NOBLOCK)
+                        accepted += 1
+                assert accepted < 5000
+                publisher.publish_many(records(n, 2 * n))
+                await subscriber.wait_for(n, timeout=20)
+        assert [r.timestamp_ns for r in subscriber.items] == list(range(n, 2 * n))
+        assert subscriber.stats.dropped == n  # the first n were published before it joined
+        # the endpoint still answers a well-behaved peer
+        assert replayed(ask(dealer, request(SAMPLE, 3, 2 * n - 5, 2 * n)))[-1] == 2 * n - 1
+
+
+async def test_the_replay_endpoint_applies_the_curve_allow_list(
+    keys: dict[str, tuple[bytes, bytes]],  # noqa: F811
+    dealer: zmq.Socket[bytes],
+) -> None:
+    curve = server(keys, "client")
+    with ZmqMessagePublisher(
+        EventRecordCodec(), "tcp://127.0.0.1:*", curve=curve, replay=100
+    ) as publisher:
+        assert publisher.replay_address is not None
+        assert publisher.replay_address.startswith("tcp://127.0.0.1:")
+        publisher.publish_many(records(0, 10))
+        await publisher.flush(timeout=10)
+        with zmq.Context() as context:
+            answers = {}
+            for who in ("client", "intruder"):
+                with context.socket(zmq.DEALER) as sock:
+                    sock.linger = 0
+                    key = client(keys, who)
+                    sock.curve_serverkey = key.server_public_key
+                    sock.curve_publickey, sock.curve_secretkey = key.public_key, key.secret_key
+                    sock.connect(publisher.replay_address)
+                    sock.send(request(SAMPLE, 1, 0, 10))
+                    answers[who] = sock.poll(1000 if who == "intruder" else 10_000)
+            # a plain peer (no CURVE at all) is refused as well
+            dealer.connect(publisher.replay_address)
+            dealer.send(request(SAMPLE, 1, 0, 10))
+            answers["plain"] = dealer.poll(500)
+    assert answers == {"client": zmq.POLLIN, "intruder": 0, "plain": 0}
+
+
+def test_replay_settings_that_cannot_work_are_refused(
+    wirebus_address: str,
+    keys: dict[str, tuple[bytes, bytes]],  # noqa: F811
+) -> None:
+    codec = EventRecordCodec()
+    with pytest.raises(ValueError, match="replay must be"):
+        ZmqMessagePublisher(codec, wirebus_address, replay=-1)
+    with pytest.raises(ValueError, match="conflate"):
+        ZmqMessagePublisher(codec, wirebus_address, replay=10, conflate=True)
+    with pytest.raises(ValueError, match="CURVE client"):
+        ZmqMessagePublisher(
+            codec, "tcp://127.0.0.1:1", bind=False, replay=10, curve=client(keys, "client")
+        )
+    with pytest.raises(ValueError, match="replay_address"):
+        ZmqMessagePublisher(codec, "tcp://10.1.2.3:5555", bind=False, replay=10)
+    with ZmqMessagePublisher(codec, wirebus_address) as publisher:
+        assert publisher.replay_address is None
