@@ -4,22 +4,25 @@ replay endpoint, and subscribers that get back what they missed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
 
-from _peers import announced_endpoint, parse_frame
+from _peers import Peer, announced_endpoint, parse_frame
 from test_security import client, keys, server  # noqa: F401  (keys is a fixture)
 from wirebus import (
     EventRecord,
     EventRecordCodec,
     SampleEventType,
     ZmqMessagePublisher,
+    ZmqMessageSubscriber,
     make_topic,
 )
 from wirebus.testing import CollectingSubscriber
@@ -192,3 +195,90 @@ def test_replay_settings_that_cannot_work_are_refused(
         ZmqMessagePublisher(codec, "tcp://10.1.2.3:5555", bind=False, replay=10)
     with ZmqMessagePublisher(codec, wirebus_address) as publisher:
         assert publisher.replay_address is None
+
+
+# -- recovery --------------------------------------------------------------------------------
+
+
+class Gated(CollectingSubscriber[EventRecord]):
+    """A subscriber whose process() waits while ``gate`` is clear: a stalled consumer."""
+
+    def __init__(self, address: str, **options: Any) -> None:
+        super().__init__(EventRecordCodec(), address, **options)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def process(self, items: list[EventRecord]) -> None:
+        await self.gate.wait()
+        await super().process(items)
+
+
+async def test_a_stalled_subscriber_gets_back_every_item_a_small_sndhwm_dropped(
+    wirebus_address: str,
+) -> None:
+    peer = Peer(PEERS, "publish", wirebus_address, "100000", "10")
+    try:
+        await peer.wait_for(lambda state: "replay" in state, timeout=20)
+        async with Gated(wirebus_address, rcvhwm=10, recover=True) as subscriber:
+            peer.send("1")
+            await subscriber.wait_for(1)
+            subscriber.gate.clear()  # stalled from its next batch on
+            peer.send("20000")
+            await peer.wait_for(lambda state: state.get("published") == 20_001, timeout=30)
+            peer.send("1")  # a gap shows once a later item arrives
+            await peer.wait_for(lambda state: state.get("published") == 20_002, timeout=30)
+            subscriber.gate.set()
+            await subscriber.wait_for(20_002, timeout=30)
+            peer.send("stop")
+            await peer.finish()
+    finally:
+        peer.close()
+    assert [r.timestamp_ns for r in subscriber.items] == list(range(20_002))
+    stats = subscriber.stats
+    assert stats.recovered > 0, stats  # the hwm did drop items: they came back through replay
+    assert (stats.received, stats.dropped) == (20_002, 0), stats
+
+
+async def test_a_publisher_killed_during_recovery_costs_its_gap_and_holds_up_nobody(
+    wirebus_address: str,
+) -> None:
+    codec = EventRecordCodec()
+    replay_address = f"{wirebus_address}.vanish"
+    async with CollectingSubscriber(
+        codec, wirebus_address, connect=False, recover=True, recover_timeout=3.0
+    ) as subscriber:
+        peer = Peer(PEERS, "vanish", wirebus_address, replay_address)
+        try:
+            # item 0 arrives, item 5 shows a gap: the subscriber asks, and the publisher dies
+            await peer.wait_for(lambda state: "asked" in state, timeout=20)
+            await asyncio.to_thread(peer.proc.wait, 10)
+        finally:
+            peer.close()
+
+        def of(name: str) -> list[int]:
+            return [r.timestamp_ns for r in subscriber.items if r.sample_uuid == name]
+
+        with ZmqMessagePublisher(codec, wirebus_address, bind=False) as other:
+            await other.wait_for_subscribers(1, timeout=10)
+            for record in records(0, 100):
+                other.publish(EventRecord(record.event_type, record.timestamp_ns, "live"))
+            await subscriber.wait_until(lambda: len(of("live")) == 100)
+        # the other publisher's items went by while the dead one's item 5 was held back
+        assert of("vanish") == [0]
+        assert subscriber.stats.dropped == 0
+        await subscriber.wait_until(lambda: of("vanish") == [0, 5])
+    assert of("live") == list(range(100))
+    assert (subscriber.stats.dropped, subscriber.stats.recovered) == (4, 0)
+
+
+def test_recovery_settings_that_cannot_work_are_refused(wirebus_address: str) -> None:
+    codec = EventRecordCodec()
+    with pytest.raises(ValueError, match="history must be"):
+        ZmqMessageSubscriber(codec, wirebus_address, history=-1)
+    with pytest.raises(ValueError, match="recover_timeout"):
+        ZmqMessageSubscriber(codec, wirebus_address, recover=True, recover_timeout=0)
+    with pytest.raises(ValueError, match="conflate"):
+        ZmqMessageSubscriber(codec, wirebus_address, recover=True, conflate=True)
+    subscriber = ZmqMessageSubscriber(codec, wirebus_address, recover=True)
+    with subscriber, pytest.raises(RuntimeError, match="event loop"):
+        subscriber.receive_blocking(timeout=0.01)
