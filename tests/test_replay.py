@@ -282,3 +282,77 @@ def test_recovery_settings_that_cannot_work_are_refused(wirebus_address: str) ->
     subscriber = ZmqMessageSubscriber(codec, wirebus_address, recover=True)
     with subscriber, pytest.raises(RuntimeError, match="event loop"):
         subscriber.receive_blocking(timeout=0.01)
+
+
+async def test_a_subscriber_killed_mid_stream_and_restarted_with_history_misses_nothing_kept(
+    wirebus_address: str,
+) -> None:
+    codec, kept = EventRecordCodec(), 500
+    with ZmqMessagePublisher(codec, wirebus_address, replay=kept) as publisher:
+        stop, enough = asyncio.Event(), asyncio.Event()
+        published, target = 0, float("inf")
+
+        async def stream() -> None:
+            nonlocal published
+            while not stop.is_set():
+                publisher.publish_many(records(published, published + 20))
+                published += 20
+                if published >= target:
+                    enough.set()
+                await asyncio.sleep(0.001)
+
+        streaming = asyncio.create_task(stream())
+        first = Peer(PEERS, "subscribe", wirebus_address)
+        try:
+            await first.wait_for(lambda state: state.get("received", 0) > 100, timeout=20)
+        finally:
+            first.close()  # SIGKILL, mid-stream
+        # more than the buffer keeps goes by before the restart: some history is gone
+        target = first.state["received"] + 4 * kept
+        await asyncio.wait_for(enough.wait(), 20)
+        async with CollectingSubscriber(codec, wirebus_address, history=4 * kept) as restarted:
+            await restarted.wait_for(kept + 1, timeout=20)
+            stop.set()
+            await streaming
+            publisher.publish(records(published, published + 1)[0])
+            await restarted.wait_until(lambda: restarted.items[-1].timestamp_ns == published)
+    seqs = [r.timestamp_ns for r in restarted.items]
+    start = seqs[0]
+    assert seqs == list(range(start, published + 1))  # exactly once, in order
+    stats = restarted.stats
+    assert stats.recovered > 0  # what the buffer still held of the history asked for
+    assert start > 0  # and what fell out of it ...
+    assert stats.dropped == start  # ... is counted as dropped
+    assert stats.received + stats.dropped == published + 1
+
+
+async def test_fan_in_of_four_with_one_restarted_loses_nothing_of_the_others(
+    wirebus_address: str,
+) -> None:
+    async with CollectingSubscriber(
+        EventRecordCodec(), wirebus_address, connect=False, recover=True
+    ) as subscriber:
+
+        def of(name: str) -> list[int]:
+            return [r.timestamp_ns for r in subscriber.items if r.sample_uuid == name]
+
+        peers = {name: Peer(PEERS, "stream", wirebus_address, name) for name in "abcd"}
+        try:
+            await subscriber.wait_until(lambda: all(len(of(name)) > 100 for name in "abcd"))
+            peers["d"].close()  # SIGKILL
+            peers["e"] = Peer(PEERS, "stream", wirebus_address, "e")
+            await subscriber.wait_until(lambda: len(of("e")) > 100)
+            published = {}
+            for name in "abce":
+                peers[name].send("stop")
+                published[name] = (await peers[name].finish())["published"]
+            await subscriber.wait_until(
+                lambda: all(len(of(name)) == published[name] for name in "abce")
+            )
+        finally:
+            for peer in peers.values():
+                peer.close()
+    for name in "abce":
+        assert of(name) == list(range(published[name])), name
+    assert of("d") == list(range(len(of("d"))))  # in order up to where it was killed
+    assert subscriber.stats.dropped == 0

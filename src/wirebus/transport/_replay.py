@@ -215,16 +215,16 @@ class ReplayServer:
 def default_address(address: str, bind: bool, publisher_id: int) -> str:
     """The replay endpoint picked next to a publisher's ``address``.
 
-    ipc: the main path plus ``.replay`` when the publisher binds it (a fresh private path when
-    it connects, or when that would be too long); tcp: the same host, a free port (a
-    publisher that connects must be on that host's loopback, else it needs a
-    ``replay_address``); inproc: the main name plus the publisher id.
+    ipc: next to the main path, ``PATH.replay`` when the publisher binds it, else (fan-in)
+    ``PATH.<publisher id>.replay`` (a fresh private path if that is too long); tcp: the same
+    host, a free port (a publisher that connects must be on that host's loopback, else it
+    needs a ``replay_address``); inproc: the main name plus the publisher id.
     """
     scheme, _, rest = address.partition("://")
     if scheme == "ipc":
-        if bind:
-            with contextlib.suppress(ValueError):  # too long a path
-                return _endpoint.check_address(f"{address}.replay", bind=True)
+        suffix = ".replay" if bind else f".{publisher_id:016x}.replay"
+        with contextlib.suppress(ValueError):  # too long a path
+            return _endpoint.check_address(address + suffix, bind=True)
         return _endpoint.new_ipc_address(f"replay-{publisher_id:016x}")
     if scheme == "tcp":
         host = rest.rpartition(":")[0]
