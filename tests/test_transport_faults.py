@@ -132,8 +132,9 @@ async def test_a_run_encoder_that_breaks_its_contract_fails_the_publisher_not_cl
 
     publisher = ZmqMessagePublisher(Broken(Tick, topic="tick"), wirebus_address)
     try:
-        publisher.publish(Tick(1))
-        await publisher.flush(timeout=5)
+        publisher.publish(Tick(1))  # idle: the loop sends it at once, and that fails
+        with pytest.raises(RuntimeError, match=r"flush\(\) on failed"):
+            await publisher.flush(timeout=5)
         with pytest.raises(RuntimeError, match=r"publish\(\) on failed") as refused:
             publisher.publish(Tick(2))
         assert isinstance(refused.value.__cause__, TypeError)

@@ -7,7 +7,6 @@ Who sends the queue is :mod:`~wirebus.transport._sender`'s business (the publish
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import enum
 import logging
@@ -21,7 +20,6 @@ from typing import Any, TypeVar, cast
 
 import zmq
 
-from wirebus import _aio
 from wirebus.codec import (
     TOPIC_FRAME_SIZE,
     MessageCodec,
@@ -333,6 +331,12 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
     def _socket_closed(self) -> bool:
         return bool(self._owned.socket.closed)
 
+    def _closing(self) -> bool:
+        return self._state in (_State.CLOSING, _State.CLOSED)
+
+    def _refusing(self) -> bool:
+        return self._state is not _OPEN
+
     def _send_failed(self, exc: Exception) -> None:
         """A socket error: refuse from now on; what is still queued is still sent."""
         self._error_log(
@@ -357,59 +361,6 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         exc = RuntimeError(f"{what} on {self._state.value} {self!r}")
         exc.__cause__ = self._failure
         return exc
-
-    async def flush(self, timeout: float | None = None) -> None:
-        if self._state in (_State.CLOSING, _State.CLOSED):
-            raise self._refusal("flush()")
-        target = self._published
-        self._send_now()
-        if self._step.handled >= target:
-            return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._flush_waiters.append((target, loop, done))
-        self._writer.want()  # it settles waiters under the send lock, this one included
-        await _aio.wait(done, timeout, lambda: f"{self!r}: flush not done within {timeout} s")
-
-    async def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> None:
-        """Return once ``count`` subscriptions reached this publisher; ``TimeoutError`` otherwise.
-
-        It counts subscriptions, not subscribers: each topic a subscriber subscribes to is
-        one (the default, every topic, is one). After this returns, items published reach
-        those subscribers: no sleep is needed against ZMQ's slow-joiner problem.
-        """
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be an int >= 1, got {count!r}")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        delay = 0.001
-        while True:
-            if self._state in (_State.CLOSING, _State.CLOSED):
-                raise RuntimeError(
-                    f"{self!r} closed with {self._step.subscriptions} of {count} subscriptions"
-                )
-            if self.subscriptions >= count:
-                return
-            remaining = delay if deadline is None else deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"{self!r}: {self._step.subscriptions} of {count} subscriptions within "
-                    f"{timeout} s"
-                )
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(2 * delay, 0.02)
-
-    @property
-    def subscriptions(self) -> int:
-        """Subscriptions currently known to this publisher (read from the socket if it is
-        free; see :meth:`wait_for_subscribers`)."""
-        if self._send_lock.acquire(blocking=False):
-            try:
-                if not self._owned.socket.closed:
-                    self._step.read_subscriptions()
-            finally:
-                self._send_lock.release()
-        return self._step.subscriptions
 
     def close(self, timeout: float | None = None) -> None:
         """Send everything pending, then close the socket; idempotent and thread-safe.

@@ -175,7 +175,8 @@ def _drain(fd: int) -> None:
 
 class Dispatcher:
     """Who sends what ``publish()`` queued: the half of a publisher that owns the queue, the
-    send lock, the writer thread and the send step.
+    send lock (and so the socket: sending, reading subscriptions, flushing), the writer thread
+    and the send step.
 
     The publisher's ``publish()`` appends ``(topic, item)`` entries to :attr:`_queue` and
     calls :meth:`_send_now` (a full message queued) or :meth:`_schedule` (nobody due yet).
@@ -196,7 +197,19 @@ class Dispatcher:
             name, self._send_from_writer, self._queue, lambda: step.messages, self._forget_schedule
         )
 
+    # What the publisher provides: its life, what publish() accepted, what a failure does.
+    _published: int
+
     def _socket_closed(self) -> bool:
+        raise NotImplementedError
+
+    def _closing(self) -> bool:
+        raise NotImplementedError
+
+    def _refusing(self) -> bool:
+        raise NotImplementedError
+
+    def _refusal(self, what: str) -> RuntimeError:
         raise NotImplementedError
 
     def _send_failed(self, exc: Exception) -> None:
@@ -278,3 +291,60 @@ class Dispatcher:
             else:
                 continue
             self._flush_waiters.remove(waiter)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Return once everything published so far is handed to ZMQ (or settled otherwise:
+        dropped for failing to encode); ``RuntimeError`` on a closed or failed publisher."""
+        if self._refusing():
+            raise self._refusal("flush()")
+        target = self._published
+        self._send_now()
+        if self._step.handled >= target:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._flush_waiters.append((target, loop, done))
+        self._writer.want()  # it settles waiters under the send lock, this one included
+        await _aio.wait(done, timeout, lambda: f"{self!r}: flush not done within {timeout} s")
+
+    async def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> None:
+        """Return once ``count`` subscriptions reached this publisher; ``TimeoutError`` otherwise.
+
+        It counts subscriptions, not subscribers: each topic a subscriber subscribes to is
+        one (the default, every topic, is one). After this returns, items published reach
+        those subscribers: no sleep is needed against ZMQ's slow-joiner problem.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = 0.001
+        while True:
+            if self._refusing():
+                if self._closing():
+                    raise RuntimeError(
+                        f"{self!r} closed with {self._step.subscriptions} of {count} subscriptions"
+                    )
+                raise self._refusal("wait_for_subscribers()")
+            if self.subscriptions >= count:
+                return
+            remaining = delay if deadline is None else deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{self!r}: {self._step.subscriptions} of {count} subscriptions within "
+                    f"{timeout} s"
+                )
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(2 * delay, 0.02)
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions currently known to this publisher (read from the socket if it is
+        free; see :meth:`wait_for_subscribers`)."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                if not self._socket_closed():
+                    self._step.read_subscriptions()
+            finally:
+                self._send_lock.release()
+        return self._step.subscriptions
