@@ -175,14 +175,11 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             owner=f"publisher for {address}",
         )
         self.address = self._owned.address
-        self.replay_address: str | None = None
         self._replay: ReplayServer | None = None
-        buffer, announce = None, b""
         if replay:
-            buffer = ReplayBuffer(replay, replay_bytes)
             try:
                 self._replay = ReplayServer(
-                    buffer,
+                    ReplayBuffer(replay, replay_bytes),
                     replay_address or default_address(self.address, bind, self.publisher_id),
                     context=self._owned.context if address.startswith("inproc://") else None,
                     curve=curve,
@@ -190,13 +187,10 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
                     allow_any_interface=allow_any_interface,
                     owner=f"publisher for {self.address}",
                 )
-                self.replay_address = self._replay.address
-                announce = _wire.announcement(self.replay_address)
             except BaseException:
-                if self._replay is not None:
-                    self._replay.close()
                 self._owned.close(linger=0)
                 raise
+        self.replay_address = None if self._replay is None else self._replay.address
         step = SendStep(
             self._owned.socket,
             self.publisher_id,
@@ -206,8 +200,7 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             max_batch_bytes,
             self.on_error,
             safe_repr(self),
-            buffer,
-            announce,
+            self._replay,
         )
         self._start_dispatch(step, f"wirebus-publisher {self.address}")
         _live_publishers.add(self)
@@ -390,9 +383,9 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
                 self._owned.close(linger)
             finally:
                 self._send_lock.release()
-            if self._replay is not None:
-                self._replay.close(remaining() if deadline is not None else None)
         finally:
+            if self._replay is not None:  # whatever became of the main socket
+                self._replay.close(None if deadline is None else remaining())
             self._set_state(_State.CLOSED, only_from=_State.CLOSING)
             self._settle_flushes(closed=True)
             _live_publishers.discard(self)

@@ -112,8 +112,9 @@ class ReplayBuffer:
 
 
 class ReplayServer:
-    """A thread answering replay requests on a ROUTER bound to ``address``, with the
-    publisher's security settings; :meth:`close` ends it."""
+    """A thread answering replay requests from ``buffer`` on a ROUTER bound to ``address``,
+    with the publisher's security settings; :attr:`announce` is what each message carries to
+    name it (:func:`_wire.announcement`). :meth:`close` ends it."""
 
     def __init__(
         self,
@@ -126,7 +127,7 @@ class ReplayServer:
         allow_any_interface: bool,
         owner: str,
     ) -> None:
-        self._buffer = buffer
+        self.buffer = buffer
         self._owned = OwnedSocket(
             zmq.ROUTER,
             address,
@@ -140,6 +141,11 @@ class ReplayServer:
             owner=f"replay endpoint of {owner}",
         )
         self.address = self._owned.address
+        try:
+            self.announce = _wire.announcement(self.address)
+        except ValueError:
+            self._owned.close(linger=0)
+            raise
         self._owner = owner
         self._log = RateLimitedLog()
         self.served = 0  # messages sent in answers
@@ -202,7 +208,7 @@ class ReplayServer:
             header = _wire.reply_header(_wire.KIND_ERROR, 0)
             send([peer, header, str(exc).encode()], zmq.NOBLOCK)
             return 1
-        frames, after, more = self._buffer.chunk(request.topic, request.first, request.end)
+        frames, after, more = self.buffer.chunk(request.topic, request.first, request.end)
         items = _wire.reply_header(_wire.KIND_ITEMS, request.request_id)
         for frame in frames:
             send([peer, items, frame], zmq.NOBLOCK)

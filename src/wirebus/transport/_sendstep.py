@@ -21,7 +21,7 @@ import zmq
 from wirebus.codec import MessageCodec, RunEncoding
 from wirebus.transport import _wire
 from wirebus.transport._base import RateLimitedLog, safe_repr
-from wirebus.transport._replay import ReplayBuffer
+from wirebus.transport._replay import ReplayServer
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ class SendStep(Generic[T]):
     ``on_error(exc, item)`` hears of each item that failed to encode (the item is dropped
     alone). An error of the socket loses the rest of the run being sent (counted in ``lost``)
     and is raised; what follows that run stays queued. With ``replay``, each message sent is
-    kept there and carries ``announce`` (the replay endpoint, :func:`_wire.announcement`).
+    kept in its buffer and names its endpoint.
     """
 
     def __init__(
@@ -49,12 +49,11 @@ class SendStep(Generic[T]):
         max_batch_bytes: int,
         on_error: Callable[[BaseException, T], None],
         owner: str,
-        replay: ReplayBuffer | None = None,
-        announce: bytes = b"",
+        replay: ReplayServer | None = None,
     ) -> None:
         self._socket = socket
-        self._replay = replay
-        self._announce = announce
+        self._replay = None if replay is None else replay.buffer
+        self._announce = b"" if replay is None else replay.announce
         self._publisher_id = publisher_id
         self._codec = codec
         self._encode_run = run_encoding.encode if run_encoding is not None else None
