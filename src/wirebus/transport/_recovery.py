@@ -179,7 +179,10 @@ class Recovery(Generic[T]):
         try:
             header = _wire.unpack(frame)
             if header.publisher != fetch.publisher or header.topic != fetch.topic:
-                raise _wire.MalformedFrame("a replayed message of another publisher or topic")
+                raise _wire.MalformedFrame(
+                    f"a replayed message of publisher {header.publisher:#x} topic "
+                    f"{header.topic!r}, asked of {fetch.publisher:#x} {fetch.topic!r}"
+                )
             if header.first + header.items <= fetch.next or header.first >= fetch.end:
                 return
             if header.first > fetch.next:  # no longer in the buffer
