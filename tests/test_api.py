@@ -8,6 +8,7 @@ import inspect
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -99,14 +100,24 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert "received=3, dropped=0" in result.stdout
 
 
-RUNNABLE_PAGES = ("codecs.md", "pubsub.md", "wire-format.md")  # other pages show fragments
+# Every ```python block in docs/ runs, unless tagged ```python fragment (a fenced block may be
+# indented, inside a list item). Any other word after "python" is a typo: see the test below.
+_PYTHON_FENCE = re.compile(r"^( *)```python( fragment)?\n(.*?)^\1```", re.DOTALL | re.MULTILINE)
 DOC_EXAMPLES = [
-    pytest.param(block, id=f"{page}-{i}")
-    for page in RUNNABLE_PAGES
-    for i, block in enumerate(
-        re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.DOTALL)
-    )
+    pytest.param(textwrap.dedent(block), id=f"{page.name}-{i}")
+    for page in sorted(DOCS.glob("*.md"))
+    for i, (_, fragment, block) in enumerate(_PYTHON_FENCE.findall(page.read_text()))
+    if not fragment
 ]
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=lambda page: page.name)
+def test_doc_python_blocks_are_runnable_or_fragments(page: Path) -> None:
+    text = page.read_text()
+    fences = re.findall(r"^ *```python.*$", text, re.MULTILINE)
+    assert len(fences) == len(_PYTHON_FENCE.findall(text)), (
+        f"{page.name}: a python block is tagged neither ```python nor ```python fragment: {fences}"
+    )
 
 
 @pytest.mark.parametrize("example", DOC_EXAMPLES)
@@ -122,3 +133,16 @@ def test_doc_example_runs(example: str, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_make_demo_installs_the_runtime_deps_and_rich() -> None:
+    """``make demo`` lists its dependencies itself (it does not build wirebus): they are
+    pyproject's runtime dependencies and the tui extra, nothing more, nothing less."""
+    import tomllib
+
+    project = tomllib.loads(DOCS.parent.joinpath("pyproject.toml").read_text())["project"]
+    makefile = DOCS.parent.joinpath("Makefile").read_text()
+    demo_deps = re.search(r"^DEMO_DEPS := (.*)$", makefile, re.MULTILINE)
+    assert demo_deps is not None
+    expected = project["dependencies"] + project["optional-dependencies"]["tui"]
+    assert sorted(demo_deps.group(1).split()) == sorted(expected)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -10,11 +13,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wirebus import EventRecord, SampleEventType, _paths
+import wirebus
+from _support import Tick, wait_until
+from wirebus import (
+    EventRecord,
+    MsgspecCodec,
+    SampleEventType,
+    ZmqMessagePublisher,
+    _paths,
+    make_topic,
+)
 from wirebus.kvstore import BasicKVStore
 from wirebus.services.event_logger import log_files
 from wirebus.services.event_publisher import EventPublisherService
@@ -84,10 +98,7 @@ def test_stopping_the_demo_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
     assert proc.returncode == 130
     assert "interrupted" in err
     assert "Traceback" not in err
-    deadline = time.monotonic() + 10
-    while _demo_leftovers() and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling for exits, with a deadline
-    assert _demo_leftovers() == []
+    wait_until(lambda: not _demo_leftovers(), "the demo's services and store to go", 10)
 
 
 @pytest.mark.parametrize(
@@ -160,3 +171,167 @@ def test_kv_show_table_and_prometheus(tmp_path: Path) -> None:
     families = {f.name: f for f in text_string_to_metric_families(prom.stdout)}
     assert families["requests"].samples[0].value == 7
     assert families["latency_ms"].type == "summary"
+
+
+# -- tail on any bus, --version, bench, bad input ---------------------------------------------
+
+
+class _BytesCodec:
+    """Publishes payloads as given: a bus whose bytes the test chooses."""
+
+    def encode(self, item: bytes) -> tuple[bytes, bytes]:
+        return make_topic("raw"), item
+
+    def decode(self, payload: bytes | memoryview) -> bytes:
+        return bytes(payload)
+
+    def on_decode_error(self, payload: bytes | memoryview, exc: Exception) -> bytes | None:
+        raise exc
+
+
+async def _tail_while_publishing(
+    address: str, items: list[Any], codec: Any, *tail_args: str, cwd: Path | None = None
+) -> tuple[int, list[Any], str]:
+    """Run ``wirebus tail address *tail_args``, publish ``items`` to it once it has subscribed,
+    and return its exit code, its stdout as JSON values and its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *WIREBUS, "tail", address, *tail_args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd,
+    )  # fmt: skip
+    try:
+        with ZmqMessagePublisher(codec, address) as publisher:
+            await publisher.wait_for_subscribers(1, timeout=30)
+            for item in items:
+                publisher.publish(item)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, [json.loads(line) for line in out.splitlines()], err.decode()
+
+
+async def test_tail_raw_shows_any_msgpack_bus_as_json(wirebus_address: str) -> None:
+    codec: MsgspecCodec[dict[str, Any]] = MsgspecCodec(dict[str, Any], topic="mine")
+    items = [
+        {"seq": 1, "blob": b"\x00\x01"},
+        {"seq": 2, "ext": msgspec.msgpack.Ext(5, b"ab"), "nested": [1.5, None, {"k": True}]},
+    ]
+    code, lines, err = await _tail_while_publishing(
+        wirebus_address, items, codec, "--raw", "--count", "2"
+    )
+    assert code == 0, err
+    assert lines == [
+        {"seq": 1, "blob": base64.b64encode(b"\x00\x01").decode()},
+        {
+            "seq": 2,
+            "ext": {"msgpack_ext": 5, "data": base64.b64encode(b"ab").decode()},
+            "nested": [1.5, None, {"k": True}],
+        },
+    ]
+
+
+async def test_tail_raw_says_which_payload_is_not_msgpack(wirebus_address: str) -> None:
+    good = msgspec.msgpack.encode({"seq": 1})
+    code, lines, err = await _tail_while_publishing(
+        wirebus_address, [b"\xc1", good], _BytesCodec(), "--raw", "--count", "1"
+    )  # 0xc1 is the one byte msgpack never uses
+    assert code == 0, err
+    assert lines == [{"seq": 1}]
+    assert "a payload of 1 bytes did not decode" in err
+    assert "do not decode as" not in err  # the hint is for the built-in decoders only
+    assert "Traceback" not in err
+
+
+async def test_tail_codec_decodes_your_own_type(wirebus_address: str, tmp_path: Path) -> None:
+    tmp_path.joinpath("my_messages.py").write_text(
+        "import msgspec\n"
+        "from wirebus import MsgspecCodec\n\n"
+        "class Tick(msgspec.Struct):\n    seq: int\n\n"
+        "class TickCodec(MsgspecCodec[Tick]):\n"
+        "    def __init__(self):\n        super().__init__(Tick, topic='tick')\n\n"
+        "CODEC = TickCodec()\n"
+    )
+    codec = MsgspecCodec(Tick, topic="tick")
+    for spec in ("my_messages:TickCodec", "my_messages:CODEC"):  # a class or a ready object
+        code, lines, err = await _tail_while_publishing(
+            wirebus_address, [Tick(1), Tick(2)], codec, "--codec", spec, "--count", "2",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert code == 0, err
+        assert lines == [{"seq": 1}, {"seq": 2}]
+
+
+async def test_tail_on_another_bus_says_so_once(wirebus_address: str) -> None:
+    codec = MsgspecCodec(Tick, topic="tick")
+    code, lines, err = await _tail_while_publishing(
+        wirebus_address, [Tick(1), Tick(2), Tick(3)], codec, "--count", "3"
+    )
+    assert code == 0, err
+    assert len(lines) == 3  # as event records' decode-error fallback, but said once on stderr
+    assert err.count("do not decode as event records: --raw shows any msgpack bus") == 1
+
+
+async def test_tail_into_a_closed_pipe_exits_quietly(wirebus_address: str, tmp_path: Path) -> None:
+    """``wirebus tail ... | head -n 1``: no BrokenPipeError traceback, exit 0."""
+    err_path = tmp_path / "stderr"
+    tail = " ".join([*WIREBUS, "tail", "--raw", wirebus_address])
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", f"set -o pipefail; {tail} 2>{err_path} | head -n 1",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        with ZmqMessagePublisher(MsgspecCodec(Tick, topic="tick"), wirebus_address) as publisher:
+            await publisher.wait_for_subscribers(1, timeout=30)
+            deadline = time.monotonic() + 30
+            while proc.returncode is None and time.monotonic() < deadline:
+                publisher.publish(Tick(0))  # until tail writes into the pipe head closed
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.05)
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err_path.read_text()
+    assert len(out.splitlines()) == 1
+    assert err_path.read_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tail", "tcp://127.0.0.1:99999"], "port of 'tcp://127.0.0.1:99999' must be"),
+        (["tail", "tcp://127.0.0.1:0"], "port of 'tcp://127.0.0.1:0' must be"),
+        (["tail", "tcp://127.0.0.1:http"], "port of 'tcp://127.0.0.1:http' must be"),
+        (["tail", "ipc:///x", "--timeout", "nan"], "finite number of seconds, got 'nan'"),
+        (["tail", "ipc:///x", "--timeout", "-1"], "finite number of seconds, got '-1'"),
+        (["tail", "ipc:///x", "--count", "0"], "an integer >= 1, got '0'"),
+        (["tail", "ipc:///x", "--raw", "--snapshots"], "not allowed with argument"),
+        (["tail", "ipc:///x", "--codec", "nocolon"], "expected pkg.module:Name"),
+        (["tail", "ipc:///x", "--codec", "no_such_module:C"], "cannot import 'no_such_module'"),
+        (["tail", "ipc:///x", "--codec", "json:Nope"], "module 'json' has no 'Nope'"),
+        (["tail", "ipc:///x", "--codec", "json:dumps"], "is not a MessageCodec"),
+        (["bench", "--dir", "/nonexistent"], "they ship with a wirebus source checkout"),
+    ],
+)
+def test_tail_and_bench_bad_input_is_one_line_and_non_zero(args: list[str], message: str) -> None:
+    result = run(*args, timeout=20)  # tail used to wait forever on the first two
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wirebus {importlib.metadata.version('wirebus')}\n"
+    assert importlib.metadata.version("wirebus") == wirebus.__version__
+
+
+def test_bench_help_says_it_needs_a_checkout() -> None:
+    result = run("bench", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "source checkout" in " ".join(result.stdout.split())

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _support import Tick
 from wirebus import (
     TOPIC_FRAME_SIZE,
     ErrorData,
@@ -20,11 +21,6 @@ from wirebus import (
 )
 from wirebus.codec import check_codec, run_decoder_of, run_encoding_of
 from wirebus.record import ERROR_TOPIC, SAMPLE_TOPIC, SESSION_TOPIC
-
-
-class Tick(msgspec.Struct):
-    seq: int
-    price: float = 0.0
 
 
 def test_make_topic_pads_to_fixed_width() -> None:
@@ -207,7 +203,7 @@ class Trade(msgspec.Struct, tag="trade"):
 
 def test_a_union_of_tagged_structs_is_one_codec_with_a_repr_that_works() -> None:
     """Two message types on one socket: the natural way, and its repr must not raise."""
-    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")  # type: ignore[arg-type]
+    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")
     assert "Quote" in repr(codec)
     assert "Trade" in repr(codec)
     for item in (Quote(1.0), Trade(2.0)):

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from _support import wait_until_async
 from wirebus import _paths
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
 from wirebus.launcher import ServiceLauncher, ServiceSpec
@@ -161,13 +162,6 @@ def _still_running(pids: Iterable[int], within: float) -> set[int]:
     finally:
         for fd in fds:
             os.close(fd)
-
-
-async def _poll(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def _size(path: str) -> int:
@@ -449,8 +443,8 @@ async def test_output_goes_to_a_log_file_that_never_fills_up(service: Service) -
 async def test_cancelling_start_stops_everything_and_reraises(service: Service) -> None:
     launcher = ServiceLauncher(ready_timeout=30)
     starting = asyncio.ensure_future(launcher.start([service("a"), service("n", "never")]))
-    await _poll(_log_has(launcher, "n", "waiting"), 20)
-    await _poll(_log_has(launcher, "a", "started a"), 20)
+    await wait_until_async(_log_has(launcher, "n", "waiting"), "n's log to say waiting")
+    await wait_until_async(_log_has(launcher, "a", "started a"), "a's log to say started")
     pids = launcher.pids
     starting.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -462,7 +456,7 @@ async def test_cancelling_start_stops_everything_and_reraises(service: Service) 
 async def test_stop_from_another_task_cancels_a_start_in_progress(service: Service) -> None:
     launcher = ServiceLauncher(ready_timeout=30)
     starting = asyncio.ensure_future(launcher.start([service("n", "never")]))
-    await _poll(_log_has(launcher, "n", "waiting"), 20)
+    await wait_until_async(_log_has(launcher, "n", "waiting"), "n's log to say waiting")
     assert await launcher.stop() == {"n": 0}
     with pytest.raises(asyncio.CancelledError):
         await starting
@@ -473,7 +467,7 @@ async def test_a_second_signal_cancels_a_main_that_ignores_the_stop(service: Ser
         await launcher.start([service("s", "stubborn")])
         pid = launcher.pids["s"]
         os.kill(pid, signal.SIGTERM)
-        await _poll(_log_has(launcher, "s", "stop requested"), 10)
+        await wait_until_async(_log_has(launcher, "s", "stop requested"), "s to log its stop", 10)
         assert _still_running([pid], 0) == {pid}
         os.kill(pid, signal.SIGTERM)
         assert _still_running([pid], 10) == set()
@@ -628,7 +622,7 @@ def test_a_launcher_closes_the_resource_way_from_sync_code_too(service: Service)
 async def test_close_while_starting_says_to_await_stop(service: Service) -> None:
     launcher = ServiceLauncher(ready_timeout=30)
     starting = asyncio.ensure_future(launcher.start([service("n", "never")]))
-    await _poll(_log_has(launcher, "n", "waiting"), 20)
+    await wait_until_async(_log_has(launcher, "n", "waiting"), "n's log to say waiting")
     with pytest.raises(RuntimeError, match="await stop"):
         launcher.close()
     await launcher.aclose()

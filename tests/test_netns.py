@@ -22,18 +22,14 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import pytest
 
 from _peers import Peer, stdin_says_stop
+from _support import Tick
 
 SUBNET = "10.201.7"  # private test range, exists only inside the namespaces made here
 PORT = 5701
 HEARTBEAT_MS = 150  # a silent peer is dropped after 3x this
-
-
-class Tick(msgspec.Struct):
-    seq: int
 
 
 # -- the test side ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from _peers import build_frame
+from _support import Tick, tick_codec
 from wirebus import TOPIC_FRAME_SIZE, MsgspecCodec, make_topic
 from wirebus.security import (
     CurveClient,
@@ -38,14 +39,6 @@ HANDSHAKE_FAILED = (
 )
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
-
-
-class Tick(msgspec.Struct):
-    seq: int
-
-
-def tick_codec() -> MsgspecCodec[Tick]:
-    return MsgspecCodec(Tick, topic="tick")
 
 
 class Collector(CollectingSubscriber[Any]):

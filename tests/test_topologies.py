@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import msgspec
@@ -27,6 +26,7 @@ import pytest
 import zmq
 
 from _peers import Peer, stdin_says_stop
+from _support import wait_until_async
 from wirebus import MsgspecCodec
 from wirebus.testing import CollectingSubscriber
 from wirebus.transport import ZmqMessagePublisher, ZmqMessageSubscriber
@@ -92,13 +92,6 @@ async def publishing(
         await task
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)  # polling a counter, with a deadline
-
-
 # -- fan-in and fan-out ----------------------------------------------------------------------
 
 
@@ -152,7 +145,7 @@ async def test_killed_subscriber_process_is_replaced_mid_stream(peers: list[Peer
             await first.wait_for(lambda s: s.get("received", 0) >= 100, timeout=10)
             first.proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(first.proc.wait, 10)
-            await wait_for(lambda: publisher.subscriptions == 0)  # ZMQ saw it go
+            await wait_until_async(lambda: publisher.subscriptions == 0, "the unsubscription")
             killed_at = published()[0]
             second = _peer(peers, "subscribe", publisher.address, "connect", "0")
             await publisher.wait_for_subscribers(1, timeout=30)
@@ -185,7 +178,9 @@ async def test_killed_aggregator_restarts_on_the_same_ipc_path(
             await first.wait_for(lambda s: s.get("received", 0) >= 200, timeout=10)
             first.proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(first.proc.wait, 10)
-            await wait_for(lambda: all(p.subscriptions == 0 for p in publishers))
+            await wait_until_async(
+                lambda: all(p.subscriptions == 0 for p in publishers), "the unsubscriptions"
+            )
             stale = wirebus_address.removeprefix("ipc://")
             assert await asyncio.to_thread(os.path.exists, stale)  # its socket file is left
             second = _peer(peers, "subscribe", wirebus_address, "bind", "0")
@@ -224,9 +219,14 @@ async def test_bound_subscriber_closed_and_bound_again() -> None:
         async with publishing(publishers) as published:
             await before.wait_until(lambda: len(by_source(before.items)) == 3)
             await before.aclose()
-            await wait_for(lambda: all(p.subscriptions == 0 for p in publishers))
+            await wait_until_async(
+                lambda: all(p.subscriptions == 0 for p in publishers), "the unsubscriptions"
+            )
             away = published()
-            await wait_for(lambda: min(a - b for a, b in zip(published(), away, strict=True)) >= 50)
+            await wait_until_async(
+                lambda: min(a - b for a, b in zip(published(), away, strict=True)) >= 50,
+                "50 more items from each publisher",
+            )
             after = Collector(CODEC, address, connect=False)  # the same port again
             await after.start()
             for publisher in publishers:

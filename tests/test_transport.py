@@ -21,6 +21,7 @@ import pytest
 import zmq
 
 from _peers import build_frame, parse_frame
+from _support import Tick, tick_codec
 from wirebus import (
     TOPIC_FRAME_SIZE,
     ErrorData,
@@ -41,14 +42,6 @@ from wirebus.transport import (
 )
 
 PEERS = str(Path(__file__).with_name("_peers.py"))
-
-
-class Tick(msgspec.Struct):
-    seq: int
-
-
-def tick_codec(topic: str = "tick") -> MsgspecCodec[Tick]:
-    return MsgspecCodec(Tick, topic=topic)
 
 
 class Collector(CollectingSubscriber[Any]):

@@ -20,8 +20,11 @@ if TYPE_CHECKING:
     from wirebus.errors import ServiceStartupError as ServiceStartupError
     from wirebus.errors import WirebusError as WirebusError
     from wirebus.kvstore import BasicKVStore as BasicKVStore
+    from wirebus.kvstore import Counter as Counter
+    from wirebus.kvstore import Gauge as Gauge
     from wirebus.kvstore import KVStore as KVStore
     from wirebus.kvstore import KVStoreReader as KVStoreReader
+    from wirebus.kvstore import Series as Series
     from wirebus.kvstore import SeriesSummary as SeriesSummary
     from wirebus.kvstore import SeriesView as SeriesView
     from wirebus.kvstore import cleanup_stale as cleanup_stale
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TOPIC_FRAME_SIZE",
     "BasicKVStore",
+    "Counter",
     "CurveClient",
     "CurveServer",
     "ErrorData",
@@ -65,6 +69,7 @@ __all__ = [
     "EventPublisherService",
     "EventRecord",
     "EventRecordCodec",
+    "Gauge",
     "KVStore",
     "KVStoreError",
     "KVStoreReader",
@@ -78,6 +83,7 @@ __all__ = [
     "ReadySignal",
     "ReadyTimeoutError",
     "SampleEventType",
+    "Series",
     "SeriesSummary",
     "SeriesView",
     "ServiceContext",
@@ -110,6 +116,8 @@ _SOURCES = {
     "EventPublisherService": "wirebus.services.event_publisher",
     "EventRecord": "wirebus.record",
     "EventRecordCodec": "wirebus.record",
+    "Counter": "wirebus.kvstore",
+    "Gauge": "wirebus.kvstore",
     "KVStore": "wirebus.kvstore",
     "KVStoreError": "wirebus.errors",
     "KVStoreReader": "wirebus.kvstore",
@@ -123,6 +131,7 @@ _SOURCES = {
     "ReadySignal": "wirebus.ready",
     "ReadyTimeoutError": "wirebus.errors",
     "SampleEventType": "wirebus.record",
+    "Series": "wirebus.kvstore",
     "SeriesSummary": "wirebus.kvstore",
     "SeriesView": "wirebus.kvstore",
     "ServiceContext": "wirebus.service",

@@ -21,7 +21,8 @@ def check_address(address: str, *, bind: bool, allow_any_interface: bool = False
     """Return ``address`` after checking its scheme (and, for a tcp bind, its host).
 
     ``ValueError`` names the address when the scheme is not ipc/tcp/inproc, an ipc path is too
-    long, or a tcp bind would listen on every interface without ``allow_any_interface``.
+    long, a tcp port is not 1..65535 (a bind may also ask for 0 or *), or a tcp bind would
+    listen on every interface without ``allow_any_interface``.
     """
     if not isinstance(address, str):
         raise TypeError(f"address must be a str, got {type(address).__name__}: {address!r}")
@@ -37,12 +38,24 @@ def check_address(address: str, *, bind: bool, allow_any_interface: bool = False
         host, colon, port = rest.rpartition(":")
         if not colon or not host or not port:
             raise ValueError(f"tcp address {address!r} needs a host and a port")
+        if not _valid_port(port, bind=bind):
+            raise ValueError(
+                f"tcp port of {address!r} must be 1..65535"
+                + (" (or 0 or * to bind a free one)" if bind else "")
+            )
         if bind and host in _ANY_HOSTS and not allow_any_interface:
             raise ValueError(
                 f"refusing to bind {address!r} on every interface; bind 127.0.0.1 or pass "
                 "allow_any_interface=True"
             )
     return address
+
+
+def _valid_port(port: str, *, bind: bool) -> bool:
+    """libzmq accepts a connect to port 99999 and then waits for it forever."""
+    if bind and port in ("*", "0"):
+        return True
+    return port.isdigit() and 1 <= int(port) <= 65535
 
 
 def new_ipc_address(name: str = "wirebus") -> str:

@@ -1,4 +1,4 @@
-"""The ``wirebus`` command: ``demo``, ``tail``, ``kv show`` and ``bench``.
+"""The ``wirebus`` command: ``demo``, ``tail``, ``kv show``, ``kv serve``, ``bench``, ``--version``.
 
 Bad input gets one line on stderr and a non-zero exit, never a traceback.
 """
@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import contextlib
 import glob
+import importlib
+import math
 import os
 import signal
 import subprocess
@@ -16,14 +18,18 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import msgspec
 
+from wirebus import __version__
+from wirebus._aio import positive_timeout
 from wirebus._endpoint import check_address
-from wirebus.errors import WirebusError
-from wirebus.kvstore import KVStoreReader, SeriesSummary
+from wirebus.codec import MessageCodec, MsgspecCodec, check_codec
+from wirebus.errors import KVStoreError, WirebusError
+from wirebus.kvstore import KVStoreReader, MetricsServer, SeriesSummary
 from wirebus.record import EventRecordCodec
+from wirebus.transport import ZmqMessageSubscriber
 
 __all__ = ["main"]
 
@@ -146,28 +152,96 @@ def _live_table(snapshot: Any, total: int, fallback: Callable[[Any, int], str]) 
 # -- tail ------------------------------------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds (``nan`` would wait forever)."""
+    try:
+        return positive_timeout("seconds", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive, finite number of seconds, got {text!r}"
+        ) from None
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _load_codec(spec: str) -> MessageCodec[Any]:
+    """``pkg.mod:Name``: a codec class (made with no arguments) or a codec object; the current
+    directory is importable, as it is for ``python -m``."""
+    module_name, colon, name = spec.partition(":")
+    if not colon or not module_name or not name:
+        _fail(f"--codec {spec!r}: expected pkg.module:Name", _USAGE_ERROR)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # whatever importing the user's module raised
+        _fail(f"--codec {spec!r}: cannot import {module_name!r}: {exc!r}")
+    found = getattr(module, name, None)
+    if found is None:
+        _fail(f"--codec {spec!r}: module {module_name!r} has no {name!r}")
+    try:
+        codec = found() if isinstance(found, type) else found
+        check_codec(codec)
+    except Exception as exc:  # the user's constructor, or not a codec at all
+        _fail(f"--codec {spec!r}: {exc}")
+    return cast("MessageCodec[Any]", codec)
+
+
+class _RawCodec(MsgspecCodec[Any]):
+    """Any msgpack payload, as the value msgspec makes of it (``tail --raw``)."""
+
+    def __init__(self) -> None:
+        super().__init__(Any, topic="raw")  # the topic is unused: tail only decodes
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for what msgpack has and JSON has not: an ext type."""
+    if isinstance(obj, msgspec.msgpack.Ext):
+        return {"msgpack_ext": obj.code, "data": obj.data}
+    raise TypeError(f"cannot show a {type(obj).__name__} as JSON: {obj!r}")
+
+
+class _TailSubscriber(ZmqMessageSubscriber[Any]):
+    """A payload whose codec raises is one line on stderr, not a logged traceback."""
+
+    async def on_error(self, exc: BaseException, payload: bytes | None) -> None:
+        size = "a batch" if payload is None else f"a payload of {len(payload)} bytes"
+        print(f"wirebus tail: {size} did not decode: {exc}", file=sys.stderr)
+
+
 def _tail(args: argparse.Namespace) -> int:
     from wirebus.services.metrics_aggregator import MetricsSnapshotCodec
-    from wirebus.transport import ZmqMessageSubscriber
 
     try:
         check_address(args.address, bind=args.bind)
     except ValueError as exc:
         _fail(str(exc), _USAGE_ERROR)
-    codec: Any = MetricsSnapshotCodec() if args.snapshots else EventRecordCodec()
+    codec: MessageCodec[Any]
+    what: str | None = None  # the built-in type expected, for a hint when the bus carries another
+    if args.codec:
+        codec = _load_codec(args.codec)
+    elif args.raw:
+        codec = _RawCodec()
+    elif args.snapshots:
+        codec, what = MetricsSnapshotCodec(), "metrics snapshots"
+    else:
+        codec, what = EventRecordCodec(), "event records"
     topics = [args.topic] if args.topic else [b""]
-    encoder = msgspec.json.Encoder()
+    encoder = msgspec.json.Encoder(enc_hook=_json_default)
 
     async def tail() -> int:
         try:
-            subscriber = ZmqMessageSubscriber(
-                codec, args.address, connect=not args.bind, topics=topics
-            )
+            subscriber = _TailSubscriber(codec, args.address, connect=not args.bind, topics=topics)
         except (ValueError, OSError) as exc:
             _fail(str(exc))
         async with subscriber:
             shown = 0
-            said_waiting = False
+            said_waiting = said_not_decoding = False
             deadline = None if args.timeout is None else time.monotonic() + args.timeout
             while args.count is None or shown < args.count:
                 try:
@@ -182,7 +256,19 @@ def _tail(args: argparse.Namespace) -> int:
                         )
                         said_waiting = True
                     continue
-                sys.stdout.buffer.write(encoder.encode(item) + b"\n")
+                if what and subscriber.stats.decode_errors and not said_not_decoding:
+                    print(
+                        f"wirebus tail: messages on {args.address} do not decode as {what}: "
+                        "--raw shows any msgpack bus, --codec pkg.module:Class decodes your type",
+                        file=sys.stderr,
+                    )
+                    said_not_decoding = True
+                try:
+                    line = encoder.encode(item)
+                except (TypeError, msgspec.EncodeError) as exc:
+                    print(f"wirebus tail: {exc}", file=sys.stderr)
+                    continue
+                sys.stdout.buffer.write(line + b"\n")
                 sys.stdout.flush()
                 shown += 1
         return 0
@@ -199,20 +285,56 @@ def _kv_show(args: argparse.Namespace) -> int:
     except (WirebusError, OSError, ValueError) as exc:
         _fail(f"cannot open {args.path!r} as a KV store: {exc}")
     with reader:
-        if args.prometheus:
-            sys.stdout.write(reader.to_prometheus())
-            return 0
-        if args.watch is None:
-            print(_kv_table(reader))
-            return 0
+        try:
+            if args.prometheus:
+                sys.stdout.write(reader.to_prometheus())
+                return 0
+            if args.watch is None:
+                print(_kv_table(reader))
+                return 0
 
-        async def watch() -> int:
-            while True:
-                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
-                print(_kv_table(reader), flush=True)
-                await asyncio.sleep(args.watch)  # the refresh period
+            async def watch() -> int:
+                while True:
+                    sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+                    print(_kv_table(reader), flush=True)
+                    await asyncio.sleep(args.watch)  # the refresh period
 
-        return _run(watch())
+            return _run(watch())
+        except KVStoreError as exc:  # a store that turned out corrupt
+            _fail(f"{args.path!r}: {exc}")
+
+
+def _watch_period(text: str) -> float:
+    """``--watch``: a refresh period in seconds, positive and finite."""
+    try:
+        period = float(text)
+    except ValueError:
+        period = math.nan
+    if not 0.0 < period < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return period
+
+
+def _kv_serve(args: argparse.Namespace) -> int:
+    try:
+        server = MetricsServer(args.path, host=args.host, port=args.port, prefix=args.prefix)
+    except (WirebusError, OSError, ValueError) as exc:
+        _fail(f"cannot serve {args.path!r}: {exc}")
+
+    async def serve() -> int:
+        await asyncio.Event().wait()  # until SIGINT, SIGTERM or SIGHUP
+        return 0
+
+    with server:
+        print(f"serving {args.path} on {server.url}", flush=True)
+        return _run(serve())
+
+
+def _port(text: str) -> int:
+    """``--port``: a TCP port number, 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text}")
+    return int(text)
 
 
 def _kv_table(reader: KVStoreReader) -> str:
@@ -229,12 +351,21 @@ def _kv_table(reader: KVStoreReader) -> str:
 
 # -- bench -----------------------------------------------------------------------------------
 
+_BENCH_HELP = (
+    "Runs the benchmarks/bench_*.py scripts of a wirebus source checkout (they are not "
+    "installed with the package, and need its dev extra: pip install -e '.[dev]'); run it from "
+    "the checkout's root or pass --dir."
+)
+
 
 def _bench(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     scripts = sorted(glob.glob(str(directory / "bench_*.py")))
     if not scripts:
-        _fail(f"no benchmarks (bench_*.py) in {str(directory)!r}: run from a wirebus checkout")
+        _fail(
+            f"no benchmarks (bench_*.py) in {str(directory)!r}: they ship with a wirebus source "
+            "checkout, not the package; run from the checkout's root or pass --dir"
+        )
     failed = 0
     for script in scripts:
         if args.only and args.only not in os.path.basename(script):
@@ -249,6 +380,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _parser() -> _Parser:
     parser = _Parser(prog="wirebus", description="Typed ZMQ messages and live metrics.")
+    parser.add_argument("--version", action="version", version=f"wirebus {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="run a synthetic benchmark end to end")
@@ -257,24 +389,47 @@ def _parser() -> _Parser:
     demo.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     demo.set_defaults(run=_demo)
 
-    tail = commands.add_parser("tail", help="print records from a running bus as JSON lines")
+    tail = commands.add_parser(
+        "tail",
+        help="print the messages of a running bus as JSON lines",
+        description="Print the messages of a running bus as JSON lines: event records by "
+        "default, or any msgpack bus with --raw, or your own type with --codec.",
+    )
     tail.add_argument("address", help="the publisher's address, e.g. ipc:///tmp/x/events.sock")
     tail.add_argument("--topic", help="only this topic (session, sample, error, ...)")
     tail.add_argument("--bind", action="store_true", help="bind and let publishers connect")
-    tail.add_argument("--snapshots", action="store_true", help="decode MetricsSnapshot, not events")
-    tail.add_argument("--count", type=int, help="exit after this many records")
-    tail.add_argument("--timeout", type=float, help="exit 1 when nothing arrives in this many s")
+    decode = tail.add_mutually_exclusive_group()
+    decode.add_argument("--raw", action="store_true", help="any msgpack payload, shown as JSON")
+    decode.add_argument("--snapshots", action="store_true", help="decode MetricsSnapshot")
+    decode.add_argument(
+        "--codec",
+        metavar="PKG.MODULE:NAME",
+        help="decode with your codec: a class (made with no arguments) or a codec object; "
+        "the current directory is importable",
+    )
+    tail.add_argument("--count", type=_count, help="exit after this many messages")
+    tail.add_argument("--timeout", type=_seconds, help="exit 1 when nothing arrives in this many s")
     tail.set_defaults(run=_tail)
 
     kv = commands.add_parser("kv", help="key-value store tools")
     kv_commands = kv.add_subparsers(dest="kv_command", required=True, parser_class=_Parser)
     show = kv_commands.add_parser("show", help="show a store's metrics")
     show.add_argument("path", help="the store's path")
-    show.add_argument("--watch", type=float, nargs="?", const=1.0, help="refresh every N s")
+    show.add_argument("--watch", type=_watch_period, nargs="?", const=1.0, help="refresh every N s")
     show.add_argument("--prometheus", action="store_true", help="Prometheus text exposition")
     show.set_defaults(run=_kv_show)
+    serve = kv_commands.add_parser("serve", help="serve a store's metrics to Prometheus (HTTP)")
+    serve.add_argument("path", help="the store's path")
+    serve.add_argument("--port", type=_port, default=9464, help="TCP port (default 9464; 0: any)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    serve.add_argument("--prefix", default="", help="put before every metric name")
+    serve.set_defaults(run=_kv_serve)
 
-    bench = commands.add_parser("bench", help="run the benchmarks (what make bench runs)")
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks of a wirebus checkout (what make bench runs)",
+        description=_BENCH_HELP,
+    )
     bench.add_argument("--dir", default="benchmarks", help="the benchmarks directory")
     bench.add_argument("--only", help="run only benchmarks whose file name contains this")
     bench.set_defaults(run=_bench)
@@ -290,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except _Failure as failure:
         print(f"wirebus: error: {failure}", file=sys.stderr)
         code = failure.code
+    except BrokenPipeError:  # the reader went away (| head): a quiet exit, as head users expect
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        code = 0
     raise SystemExit(code)
 
 

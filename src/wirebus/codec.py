@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 import msgspec
 
@@ -157,7 +157,15 @@ class MsgspecCodec(Generic[T]):
     gets item-by-item encoding or decoding instead, so that its own method is what runs.
     """
 
-    def __init__(self, type_: type[T], topic: str | bytes | Callable[[T], bytes]) -> None:
+    @overload
+    def __init__(self, type_: type[T], topic: str | bytes | Callable[[T], bytes]) -> None: ...
+
+    @overload
+    def __init__(self, type_: object, topic: str | bytes | Callable[[T], bytes]) -> None:
+        """A union (``Quote | Trade``) or generic alias: annotate the codec's type yourself,
+        ``codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, ...)``."""
+
+    def __init__(self, type_: Any, topic: str | bytes | Callable[[T], bytes]) -> None:
         self.type = type_
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(

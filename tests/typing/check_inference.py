@@ -40,6 +40,25 @@ async def inference() -> None:
         assert_type(started, ZmqMessageSubscriber[Tick])
 
 
+class Quote(msgspec.Struct, tag="quote"):
+    bid: float
+
+
+class Trade(msgspec.Struct, tag="trade"):
+    price: float
+
+
+async def a_union_on_one_socket() -> None:
+    """Two message types on one socket: the codec's type is annotated, and what flows from it
+    keeps the union."""
+    codec: MsgspecCodec[Quote | Trade] = MsgspecCodec(Quote | Trade, topic="market")
+    publisher = ZmqMessagePublisher(codec, "ipc:///tmp/x")
+    publisher.publish_many([Quote(1.0), Trade(2.0)])
+    subscriber = ZmqMessageSubscriber(codec, "ipc:///tmp/x")
+    assert_type(await subscriber.receive(), Quote | Trade)
+    assert_type(subscriber.receive_blocking(timeout=1), Quote | Trade)
+
+
 def mismatches() -> None:
     publisher = ZmqMessagePublisher(MsgspecCodec(Tick, topic="tick"), "ipc:///tmp/x")
     publisher.publish(EventRecord.__new__(EventRecord))  # type: ignore[arg-type]

@@ -3,7 +3,9 @@
 libzmq does not reconnect a connecting socket whose connection ended in a protocol error (a
 message over ``MAXMSGSIZE``, a failed handshake): without a watch, such a subscriber would never
 hear that publisher again and nobody would know. The watch reads the socket's monitor events,
-counts them in the subscriber's stats, logs them (rate-limited), and has a connecting socket
+counts them in the subscriber's stats, logs them (rate-limited; a refused handshake at
+WARNING, a lost connection at INFO, since every publisher's close looks like one), and has a
+connecting socket
 connect anew, backing off from 0.1 s to 5 s while the failures go on.
 """
 
@@ -73,7 +75,10 @@ class ConnectionWatch:
             self._stats.disconnects += 1
             what = "connection lost"
         then = "reconnecting" if self._reconnect else "the peer may connect again"
-        self._log(logging.WARNING, f"{self._owner}: {what} on {endpoint}; {then}")
+        # A refused handshake is a misconfiguration; a lost connection is also how every
+        # publisher's close() looks from here, so it is logged at INFO.
+        level = logging.WARNING if event & _HANDSHAKE_FAILED else logging.INFO
+        self._log(level, f"{self._owner}: {what} on {endpoint}; {then}")
         if self._reconnect and self.due is None:
             self.due = time.monotonic() + self._backoff
             self._backoff = min(2 * self._backoff, _MAX_BACKOFF)

@@ -1,0 +1,5 @@
+"""``python -m wirebus``: the ``wirebus`` command."""
+
+from wirebus.cli import main
+
+main()
