@@ -100,12 +100,12 @@ def _encode_cpu(records: list[EventRecord]) -> float:
     return (time.process_time() - started) / len(records)
 
 
-def pub_wirebus(address: str, n: int, many: bool = False) -> dict[str, float]:
+def pub_wirebus(address: str, n: int, many: bool = False, replay: int = 0) -> dict[str, float]:
     records = _records(n)
     bare = _encode_cpu(records)
 
     async def run() -> float:
-        with ZmqMessagePublisher(CODEC, address, bind=False) as publisher:
+        with ZmqMessagePublisher(CODEC, address, bind=False, replay=replay) as publisher:
             await publisher.wait_for_subscribers(timeout=30)
             started = time.process_time()
             if many:
@@ -322,6 +322,7 @@ ROLES: dict[str, Callable[..., Any]] = {
     "pub-batched": pub_batched,
     "pub-wirebus": pub_wirebus,
     "pub-wirebus-many": lambda address, n: pub_wirebus(address, n, many=True),
+    "pub-wirebus-replay": lambda address, n: pub_wirebus(address, n, replay=n),
     "pub-latency-raw": pub_latency_raw,
     "pub-latency-raw-busy": lambda address, n: pub_latency_raw(address, n, busy=True),
     "pub-latency-wirebus": pub_latency_wirebus,
@@ -364,6 +365,7 @@ def _pair(sub_role: str, pub_role: str, n: int) -> dict[str, Any]:
 THROUGHPUT = [
     ("wirebus", "sub-wirebus", "pub-wirebus", 1),
     ("wirebus-many", "sub-wirebus", "pub-wirebus-many", 1),
+    ("wirebus-replay", "sub-wirebus", "pub-wirebus-replay", 1),
     ("multipart", "sub-multipart", "pub-multipart", 4),
     ("batched64", "sub-batched", "pub-batched", 1),
     ("raw-decode", "sub-raw-decode", "pub-wirebus", 1),
@@ -440,6 +442,8 @@ def main() -> None:
          _ratio(median_ratio("wirebus", "rate", "batched64", "rate"), 0.8, True)),
         ("publish_many() vs 64 per message", "",
          _ratio(median_ratio("wirebus-many", "rate", "batched64", "rate"), 0.95, True)),
+        ("publish() with replay=N on vs off (nothing missed)", "",
+         _ratio(median_ratio("wirebus-replay", "rate", "wirebus", "rate"), 0.9, True)),
         ("publisher CPU per item vs one bare msgspec encode (ns)",
          f"{pub_median('cpu_per_item') * 1e9:.0f} / {pub_median('bare_encode') * 1e9:.0f}",
          _ratio(pub_cpu_ratio("wirebus"), 2, False)),

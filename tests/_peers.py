@@ -120,6 +120,7 @@ def stdin_says_stop() -> threading.Event:
 # change to the library's encoder that breaks the documented format fails the tests.
 _VERSION = 2
 _FLAG_RUN = 0x01
+_FLAG_REPLAY = 0x02
 
 
 def _msgpack_array_header(n: int) -> bytes:
@@ -134,16 +135,21 @@ def build_frame(
     *,
     run: bool = False,
     version: int = _VERSION,
+    replay: bytes = b"",
 ) -> bytes:
     """Build one message exactly as docs/wire-format.md describes, by hand: the table form,
-    or with ``run`` the run form (one msgpack array of the payloads)."""
+    or with ``run`` the run form (one msgpack array of the payloads); ``replay`` announces a
+    replay endpoint."""
+    flags = (_FLAG_RUN if run else 0) | (_FLAG_REPLAY if replay else 0)
     header = (
-        bytes([version, _FLAG_RUN if run else 0])
+        bytes([version, flags])
         + (0).to_bytes(2, "little")
         + len(payloads).to_bytes(4, "little")
         + publisher_id.to_bytes(8, "little")
         + first_seq.to_bytes(8, "little")
     )
+    if replay:
+        header += len(replay).to_bytes(2, "little") + replay
     if run:
         return topic + header + _msgpack_array_header(len(payloads)) + b"".join(payloads)
     lengths = b"".join(len(p).to_bytes(4, "little") for p in payloads)
@@ -151,9 +157,13 @@ def build_frame(
 
 
 def parse_frame(frame: bytes) -> tuple[bytes, int, int, list[bytes]]:
-    """Parse one message exactly as docs/wire-format.md describes, by hand (either form)."""
+    """Parse one message exactly as docs/wire-format.md describes, by hand (either form); a
+    replay endpoint, if announced, is skipped (:func:`announced_endpoint` reads it)."""
     topic, rest = frame[:TOPIC_FRAME_SIZE], frame[TOPIC_FRAME_SIZE:]
     assert rest[0] in (1, _VERSION), rest[0]
+    if rest[1] & _FLAG_REPLAY:
+        length = int.from_bytes(rest[24:26], "little")
+        rest = rest[:24] + rest[26 + length :]
     count = int.from_bytes(rest[4:8], "little")
     publisher_id = int.from_bytes(rest[8:16], "little")
     first_seq = int.from_bytes(rest[16:24], "little")
@@ -168,6 +178,15 @@ def parse_frame(frame: bytes) -> tuple[bytes, int, int, list[bytes]]:
         offset += length
     assert offset == len(rest)
     return topic, publisher_id, first_seq, payloads
+
+
+def announced_endpoint(frame: bytes) -> bytes:
+    """The replay endpoint a message announces (docs/wire-format.md), or ``b""``."""
+    rest = frame[TOPIC_FRAME_SIZE:]
+    if not rest[1] & _FLAG_REPLAY:
+        return b""
+    length = int.from_bytes(rest[24:26], "little")
+    return rest[26 : 26 + length]
 
 
 def _records(n: int) -> list[EventRecord]:

@@ -9,7 +9,8 @@ dropped (``stats.dropped``).
 
 Behind this module: ``_wire`` (the bytes of a message, docs/wire-format.md), ``_socket``
 (socket set-up and release for both sides), ``_publisher`` and ``_sender`` (``publish()`` and
-who sends), ``_subscriber`` and ``_decoder`` (reading, and frames to items).
+who sends), ``_subscriber`` and ``_decoder`` (reading, and frames to items), ``_replay`` (the
+publisher's replay buffer and endpoint) and ``_recovery`` (a subscriber fetching what it missed).
 """
 
 from wirebus.transport._base import MessagePublisher, MessageSubscriber

@@ -94,6 +94,12 @@ class FrameDecoder(Generic[T]):
         if decoded is not None:
             items.extend(decoded)
             return
+        self._decode_payloads(payloads, items, failures)
+
+    def _decode_payloads(
+        self, payloads: list[memoryview], items: list[T], failures: list[Failure]
+    ) -> None:
+        stats = self._stats
         decode = self._codec.decode
         for payload in payloads:
             try:
@@ -107,6 +113,45 @@ class FrameDecoder(Generic[T]):
                     continue
                 if fallback is not None:
                     items.append(fallback)
+
+    def expected(self, publisher: int, topic: bytes) -> int | None:
+        """The next sequence number due from ``publisher`` on ``topic``; ``None`` when that
+        pair is not tracked (never heard, or forgotten)."""
+        return self._next_seq.get((publisher, topic))
+
+    def skip_to(self, publisher: int, topic: bytes, seq: int, dropped: int) -> None:
+        """Expect ``seq`` next from ``publisher`` on ``topic``, counting ``dropped`` items
+        missed (what a recovery could not fetch)."""
+        key = (publisher, topic)
+        table = self._next_seq
+        table.pop(key, None)
+        if len(table) >= MAX_TRACKED:
+            del table[next(iter(table))]
+        table[key] = seq
+        self._stats.dropped += dropped
+
+    def decode_replayed(
+        self,
+        frame: bytes,
+        header: _wire.Frame,
+        lo: int,
+        hi: int,
+        items: list[T],
+        failures: list[Failure],
+    ) -> None:
+        """Append the items of a replayed ``frame`` numbered ``lo`` up to ``hi``; count them
+        as received and recovered. ``ValueError`` when its body is malformed."""
+        skip = max(0, lo - header.first)
+        keep = min(header.items, hi - header.first) - skip
+        if keep <= 0:
+            return
+        decoded, payloads = self._split(frame, header)
+        self._stats.received += keep
+        self._stats.recovered += keep
+        if decoded is not None:
+            items.extend(decoded[skip : skip + keep])
+        else:
+            self._decode_payloads(payloads[skip : skip + keep], items, failures)
 
     def _split(self, frame: bytes, header: _wire.Frame) -> tuple[list[T] | None, list[memoryview]]:
         """The items decoded in one call, or ``None`` and the payloads to decode one by one.

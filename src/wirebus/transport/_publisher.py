@@ -30,6 +30,7 @@ from wirebus.codec import (
 from wirebus.security import CurveClient, CurveServer
 from wirebus.transport import _wire
 from wirebus.transport._base import MessagePublisher, RateLimitedLog, logger, safe_repr
+from wirebus.transport._replay import ReplayBuffer, ReplayServer, default_address
 from wirebus.transport._sender import LOOP, Dispatcher
 from wirebus.transport._sendstep import Entry, SendStep
 from wirebus.transport._socket import OwnedSocket
@@ -108,6 +109,12 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
     ``heartbeat`` (ms, ``0``: off) turns on ZMTP heartbeats, so a connection over a cut link is
     dropped after ``3 * heartbeat`` ms. ``curve`` makes the socket a CurveZMQ server or client
     (:mod:`wirebus.security`, ``docs/deployment.md``).
+
+    ``replay=N`` keeps the newest ``N`` items of each topic (whole messages, at most
+    ``replay_bytes`` bytes per topic) and serves them to subscribers that missed them on
+    :attr:`replay_address` (``None``: picked next to ``address``), a ROUTER socket with the
+    same security settings; every message then tells subscribers that endpoint
+    (``docs/pubsub.md``, ``docs/wire-format.md``).
     """
 
     def __init__(
@@ -125,6 +132,9 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         allow_any_interface: bool = False,
         heartbeat: int = 0,
         curve: CurveServer | CurveClient | None = None,
+        replay: int = 0,
+        replay_address: str | None = None,
+        replay_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         check_codec(codec)
         if not isinstance(linger, int) or linger < -1:
@@ -133,6 +143,7 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm!r}")
         if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
             raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
+        _check_replay(replay, replay_bytes, conflate, curve)
         self.codec = codec
         run_encoding = run_encoding_of(codec)
         self._topic_of = run_encoding.topic if run_encoding is not None else None
@@ -164,6 +175,22 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             owner=f"publisher for {address}",
         )
         self.address = self._owned.address
+        self._replay: ReplayServer | None = None
+        if replay:
+            try:
+                self._replay = ReplayServer(
+                    ReplayBuffer(replay, replay_bytes),
+                    replay_address or default_address(self.address, bind, self.publisher_id),
+                    context=self._owned.context if address.startswith("inproc://") else None,
+                    curve=curve,
+                    heartbeat=heartbeat,
+                    allow_any_interface=allow_any_interface,
+                    owner=f"publisher for {self.address}",
+                )
+            except BaseException:
+                self._owned.close(linger=0)
+                raise
+        self.replay_address = None if self._replay is None else self._replay.address
         step = SendStep(
             self._owned.socket,
             self.publisher_id,
@@ -173,6 +200,7 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             max_batch_bytes,
             self.on_error,
             safe_repr(self),
+            self._replay,
         )
         self._start_dispatch(step, f"wirebus-publisher {self.address}")
         _live_publishers.add(self)
@@ -356,9 +384,27 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             finally:
                 self._send_lock.release()
         finally:
+            if self._replay is not None:  # whatever became of the main socket
+                self._replay.close(None if deadline is None else remaining())
             self._set_state(_State.CLOSED, only_from=_State.CLOSING)
             self._settle_flushes(closed=True)
             _live_publishers.discard(self)
+
+
+def _check_replay(
+    replay: int, replay_bytes: int, conflate: bool, curve: CurveServer | CurveClient | None
+) -> None:
+    if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+        raise ValueError(f"replay must be an int >= 0 items (0: off), got {replay!r}")
+    if isinstance(replay_bytes, bool) or not isinstance(replay_bytes, int) or replay_bytes < 1:
+        raise ValueError(f"replay_bytes must be an int >= 1, got {replay_bytes!r}")
+    if replay and conflate:
+        raise ValueError("replay with conflate=True: a conflating publisher skips items on purpose")
+    if replay and isinstance(curve, CurveClient):
+        raise ValueError(
+            "replay on a CURVE client publisher: its replay endpoint would need server keys of "
+            "its own; bind the publisher as the CurveServer, or leave replay off"
+        )
 
 
 def _bad_topic(codec: object, item: object, topic: object) -> Exception:

@@ -2,8 +2,9 @@
 
 :class:`SendStep` takes runs of one topic, encodes them in one call where the codec offers it
 (else takes the payloads ``publish()`` encoded), numbers the items per topic, frames them
-(:mod:`~wirebus.transport._wire`) and sends; and it keeps every counter of what happened to
-them. Whoever holds the publisher's send lock calls it.
+(:mod:`~wirebus.transport._wire`) and sends, keeping each message in the replay buffer when
+there is one; and it keeps every counter of what happened to them. Whoever holds the
+publisher's send lock calls it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import zmq
 from wirebus.codec import MessageCodec, RunEncoding
 from wirebus.transport import _wire
 from wirebus.transport._base import RateLimitedLog, safe_repr
+from wirebus.transport._replay import ReplayServer
 
 T = TypeVar("T")
 
@@ -33,7 +35,8 @@ class SendStep(Generic[T]):
 
     ``on_error(exc, item)`` hears of each item that failed to encode (the item is dropped
     alone). An error of the socket loses the rest of the run being sent (counted in ``lost``)
-    and is raised; what follows that run stays queued.
+    and is raised; what follows that run stays queued. With ``replay``, each message sent is
+    kept in its buffer and names its endpoint.
     """
 
     def __init__(
@@ -46,8 +49,11 @@ class SendStep(Generic[T]):
         max_batch_bytes: int,
         on_error: Callable[[BaseException, T], None],
         owner: str,
+        replay: ReplayServer | None = None,
     ) -> None:
         self._socket = socket
+        self._replay = None if replay is None else replay.buffer
+        self._announce = b"" if replay is None else replay.announce
         self._publisher_id = publisher_id
         self._codec = codec
         self._encode_run = run_encoding.encode if run_encoding is not None else None
@@ -122,7 +128,10 @@ class SendStep(Generic[T]):
         count = len(items)
         first = self._seqs.get(topic, 0) + superseded
         self._seqs[topic] = first + count
-        self._socket.send(_wire.pack_run(topic, self._publisher_id, first, count, body))
+        frame = _wire.pack_run(topic, self._publisher_id, first, count, body, self._announce)
+        self._socket.send(frame)
+        if self._replay is not None:
+            self._replay.add(topic, first, count, frame)
         self.sent += count
         self.conflated += superseded
         self.messages += 1
@@ -165,8 +174,12 @@ class SendStep(Generic[T]):
             count = end - start
             first = self._seqs.get(topic, 0) + superseded
             self._seqs[topic] = first + count
-            frame = _wire.pack_table(topic, self._publisher_id, first, payloads[start:end])
+            frame = _wire.pack_table(
+                topic, self._publisher_id, first, payloads[start:end], self._announce
+            )
             self._socket.send(frame)
+            if self._replay is not None:
+                self._replay.add(topic, first, count, frame)
             self.sent += count
             self.conflated += superseded
             self.messages += 1

@@ -25,6 +25,7 @@ from wirebus.security import CurveClient, CurveServer
 from wirebus.transport import _wire
 from wirebus.transport._base import MessageSubscriber, safe_repr
 from wirebus.transport._decoder import Failure, FrameDecoder, SubscriberStats
+from wirebus.transport._recovery import Recovery
 from wirebus.transport._socket import OwnedSocket
 from wirebus.transport._watch import ConnectionWatch
 
@@ -51,6 +52,13 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     ``heartbeat`` and ``curve`` as for :class:`~wirebus.ZmqMessagePublisher`. A CURVE server
     with ``allowed_clients`` gets a private ZMQ context (its ZAP authenticator needs one),
     closed with the subscriber.
+
+    ``recover=True`` fills a gap from a publisher with replay on from its replay buffer before
+    that publisher's later items reach :meth:`process`; ``history=N`` fetches, on the first
+    message of a publisher (and topic), the ``N`` items published before it. A recovery gives
+    up, counting what is still missing as dropped, when the publisher has not answered for
+    ``recover_timeout`` s or its later messages held back meanwhile pass ``recover_max_bytes``
+    (``docs/pubsub.md``). Recovery needs an event loop (not :meth:`receive_blocking`).
     """
 
     def __init__(
@@ -67,8 +75,13 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         allow_any_interface: bool = False,
         heartbeat: int = 0,
         curve: CurveServer | CurveClient | None = None,
+        recover: bool = False,
+        history: int = 0,
+        recover_timeout: float = 2.0,
+        recover_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         super().__init__(conflate=conflate)
+        _check_recovery(recover, history, recover_timeout, recover_max_bytes, conflate)
         check_codec(codec)
         if isinstance(topics, (str, bytes)):
             raise TypeError(f"topics must be an iterable of topic names, not {topics!r}")
@@ -113,6 +126,21 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             self._socket, self.address, connect, self.stats, f"subscriber for {self.address}"
         )
         self._fd = cast(int, self._socket.getsockopt(zmq.FD))
+        self._recovery: Recovery[T] | None = None
+        if recover or history:
+            self._recovery = Recovery(
+                self._decoder,
+                self.stats,
+                recover=recover,
+                history=history,
+                timeout=recover_timeout,
+                max_held_bytes=recover_max_bytes,
+                context=self._owned.context,
+                curve=curve,
+                main_address=self.address if connect else None,
+                kick=self._kick,
+                owner=f"subscriber for {self.address}",
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({safe_repr(self.codec)}, {self.address!r})"
@@ -126,6 +154,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             return
         self._loop = asyncio.get_running_loop()
         self._started = True
+        if self._recovery is not None:
+            self._recovery.start(self._loop)
         if self._arrived is None:
             self._arrived = asyncio.Event()
         self._loop.add_reader(self._watch.fd, self._on_monitor)
@@ -195,6 +225,11 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
 
     # -- the consumer ------------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """Replies to deliver or a recovery to end: run the consumer if it is idle."""
+        if not self._consuming and not self._closed:
+            self._start_consumer()
+
     def _start_consumer(self) -> None:
         """Run the consumer's first step in the reader callback itself.
 
@@ -216,11 +251,11 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     async def _consume(self) -> None:
         """Decode and deliver the buffered frames, batch by batch, until none are left."""
         try:
-            while self._frames or self._newest:
+            while self._frames or self._newest or self._recovery_due():
                 await self._deliver_batch()
                 if not self._reading:
                     self._resume_reading()
-                if self._frames or self._newest:
+                if self._frames or self._newest or self._recovery_due():
                     await asyncio.sleep(0)  # let the reader and other tasks run between batches
         finally:
             self._consuming = False
@@ -235,6 +270,14 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             self._newest.clear()
             for frame in newest:
                 self._decoder.decode(frame, items, failures)
+        elif self._recovery is not None:
+            frames, stats, route = self._frames, self.stats, self._recovery.route
+            self._recovery.deliver(items, failures, frames)
+            end = stats.received + stats.malformed + _ITEMS_PER_BATCH
+            while frames and stats.received + stats.malformed < end:
+                frame = frames.popleft()
+                if not route(frame):
+                    self._decoder.decode(frame, items, failures)
         else:
             frames, stats = self._frames, self.stats
             end = stats.received + stats.malformed + _ITEMS_PER_BATCH
@@ -248,6 +291,9 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             except Exception as exc:
                 self.stats.process_errors += 1
                 await self._report(exc, None)
+
+    def _recovery_due(self) -> bool:
+        return self._recovery is not None and self._recovery.due
 
     async def _report(self, exc: BaseException, payload: bytes | None) -> None:
         try:
@@ -273,6 +319,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             raise RuntimeError(f"{self!r} is closed")
         if self._started:
             raise RuntimeError(f"{self!r} runs in an event loop: use 'await receive()'")
+        if self._recovery is not None:
+            raise RuntimeError(f"{self!r} recovers missed items, which needs an event loop")
         self._blocking = True
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = zmq.Poller()
@@ -323,6 +371,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             self._loop.remove_reader(self._watch.fd)
         if self._task is not None:
             self._task.cancel()
+        if self._recovery is not None:
+            self._recovery.close()
         self._watch.close()
         self._owned.close(linger=0)
         self._wake_receivers()
@@ -332,6 +382,23 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self.close()
         if task is not None and task is not asyncio.current_task():
             await asyncio.gather(task, return_exceptions=True)
+
+
+def _check_recovery(
+    recover: bool, history: int, timeout: float, max_bytes: int, conflate: bool
+) -> None:
+    if not isinstance(recover, bool):
+        raise TypeError(f"recover must be a bool, got {recover!r}")
+    if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+        raise ValueError(f"history must be an int >= 0 items (0: none), got {history!r}")
+    if not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"recover_timeout must be > 0 s, got {timeout!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"recover_max_bytes must be an int >= 1, got {max_bytes!r}")
+    if conflate and (recover or history):
+        raise ValueError(
+            "recover or history with conflate=True: a conflating subscriber skips items on purpose"
+        )
 
 
 def _topic_filter(topic: str | bytes) -> bytes:
