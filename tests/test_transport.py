@@ -517,6 +517,21 @@ async def test_the_writer_stops_ticking_once_idle(
         assert time.monotonic() < deadline, "an idle publisher's writer still wakes every tick"
 
 
+async def test_a_loop_that_sends_every_item_at_once_never_wakes_the_writer(
+    pair: tuple[ZmqMessagePublisher[Tick], Collector],
+) -> None:
+    """A paced publisher's items each go out at once, so nothing ever waits for the writer:
+    it must not tick, or it would compete for the GIL with a publishing thread that
+    busy-waits (and every forced switch delays that thread's sends)."""
+    publisher, subscriber = pair
+    before = _wakeups(publisher._writer.thread)
+    for seq in range(50):
+        publisher.publish(Tick(seq))
+        await subscriber.wait_until(lambda n=seq + 1: len(subscriber.items) == n)
+    assert publisher.stats.messages == 50  # each alone, at once
+    assert _wakeups(publisher._writer.thread) == before
+
+
 async def test_fan_in_publishers_connect_to_a_bound_subscriber(address: str) -> None:
     async with Collector(tick_codec(), address, connect=False) as subscriber:
         publishers = [ZmqMessagePublisher(tick_codec(), address, bind=False) for _ in range(3)]

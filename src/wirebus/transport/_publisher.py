@@ -245,6 +245,8 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             self._send_now()  # a full message's worth: no need to wait
         elif self._due is not LOOP:
             self._schedule()
+        elif not self._writer.ticking:
+            self._wait_for_the_loop()
 
     def publish_many(self, items: Iterable[T]) -> None:
         """Queue ``items`` in order in one call; every check of :meth:`publish` runs first, so
@@ -277,6 +279,8 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             self._send_now()
         elif self._due is not LOOP:
             self._schedule()
+        elif not self._writer.ticking:
+            self._wait_for_the_loop()
 
     def _check_type(self, item: object) -> None:
         if not isinstance(item, cast(type, self._item_type)):

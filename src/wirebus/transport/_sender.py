@@ -53,14 +53,14 @@ class Writer:
 
     It sleeps until :meth:`want` asks it to send: at once (a flush), or ``after`` a delay (the
     tail of a burst from a thread without an event loop, which that thread sends itself if it
-    publishes again first). While :meth:`start_ticking` has it ticking, it also wakes every
-    ``_TICK`` s to look for a stalled queue: items queued and nothing sent for a whole tick, as
-    when the loop that was to send them is blocked or closed. It takes the send lock only for
-    a queue nobody else sends, never on a tick that finds the publishing thread at work: a
-    thread that holds the GIL while it busy-waits would otherwise find the lock taken by a
-    writer waiting for that GIL. It stops ticking after a tick with nothing queued and nothing
-    sent, and then calls ``idle``: a loop that scheduled a send and blocked before it ran must
-    not keep the publisher from scheduling anew.
+    publishes again first). While :meth:`start_ticking` has it ticking (items wait for a loop's
+    callback), it also wakes every ``_TICK`` s to look for a stalled queue: items queued and
+    nothing sent for a whole tick, as when the loop that was to send them is blocked or closed.
+    It takes the send lock only for a queue nobody else sends, never on a tick that finds the
+    publishing thread at work: a thread that holds the GIL while it busy-waits would otherwise
+    find the lock taken by a writer waiting for that GIL. It stops ticking at a tick that finds
+    nothing queued, and then calls ``idle``: a loop that scheduled a send and blocked before it
+    ran must not keep the publisher from scheduling anew.
     """
 
     def __init__(
@@ -158,7 +158,7 @@ class Writer:
                     self._error_log(logging.ERROR, f"{self.thread.name}: {safe_repr(exc)}", exc)
             if ticked:
                 progress_at_tick = self._progress()
-                if not moved and not self._queue:
+                if not self._queue:  # nothing waits for a loop's callback: no need to tick
                     self.ticking = False
                     self._idle()
                     if self._queue:  # queued meanwhile, and its sender may have seen True
@@ -231,8 +231,8 @@ class Dispatcher:
             loop.call_soon(self._send_scheduled)
             if len(self._queue) == 1:  # idle: send this one now, batch the rest of this turn
                 self._send_now()
-            if not self._writer.ticking:  # it sends what a blocked or closed loop leaves
-                self._writer.start_ticking()
+            if self._queue:
+                self._wait_for_the_loop()
             return
         now = time.perf_counter()
         if len(self._queue) == 1 and now - self._last_inline > _BURST_GAP:
@@ -242,6 +242,14 @@ class Dispatcher:
             self._due = _Due.WRITER
             self._deferred_at = now
             self._writer.want(after=_WRITER_DELAY)
+
+    def _wait_for_the_loop(self) -> None:
+        """Items wait for the loop's callback: have the writer tick, so that it sends them
+        should the loop block or close first. It stops at a tick that finds nothing queued,
+        so a loop that sends every item at once (a paced publisher) never has it tick, and
+        never has it compete for the GIL with a publishing thread that busy-waits."""
+        if not self._writer.ticking:
+            self._writer.start_ticking()
 
     def _forget_schedule(self) -> None:
         self._due = _Due.NOBODY
