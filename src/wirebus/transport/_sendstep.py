@@ -126,9 +126,20 @@ class SendStep(Generic[T]):
             self._send_items(topic, items[half:], 0)
             return
         count = len(items)
+        first = self._number(topic, count, superseded)
+        frame = _wire.pack_run(topic, self._publisher_id, first, count, body, self._announce)
+        self._send_frame(topic, first, count, superseded, frame)
+
+    def _number(self, topic: bytes, count: int, superseded: int) -> int:
+        """The first sequence number of the next ``count`` items of ``topic``, after skipping
+        the ``superseded`` ones (so that subscribers count them as dropped)."""
         first = self._seqs.get(topic, 0) + superseded
         self._seqs[topic] = first + count
-        frame = _wire.pack_run(topic, self._publisher_id, first, count, body, self._announce)
+        return first
+
+    def _send_frame(
+        self, topic: bytes, first: int, count: int, superseded: int, frame: bytes
+    ) -> None:
         self._socket.send(frame)
         if self._replay is not None:
             self._replay.add(topic, first, count, frame)
@@ -139,7 +150,7 @@ class SendStep(Generic[T]):
     def _socket_send_nothing(self, topic: bytes, superseded: int) -> None:
         """Every item of a run failed to encode: only the superseded ones still need counting
         (their sequence numbers are skipped, so subscribers see them as dropped)."""
-        self._seqs[topic] = self._seqs.get(topic, 0) + superseded
+        self._number(topic, 0, superseded)
         self.conflated += superseded
 
     def _encode_one_by_one(self, items: list[T]) -> tuple[list[T], bytes]:
@@ -172,17 +183,11 @@ class SendStep(Generic[T]):
         while start < len(payloads):
             end = _fit(payloads, start, self._max_batch_bytes)
             count = end - start
-            first = self._seqs.get(topic, 0) + superseded
-            self._seqs[topic] = first + count
+            first = self._number(topic, count, superseded)
             frame = _wire.pack_table(
                 topic, self._publisher_id, first, payloads[start:end], self._announce
             )
-            self._socket.send(frame)
-            if self._replay is not None:
-                self._replay.add(topic, first, count, frame)
-            self.sent += count
-            self.conflated += superseded
-            self.messages += 1
+            self._send_frame(topic, first, count, superseded, frame)
             superseded = 0
             start = end
 
