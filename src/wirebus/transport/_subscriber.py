@@ -334,7 +334,10 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                 else max(0, int((wake_at - time.monotonic()) * 1000) + 1)
             )
             ready = dict(poller.poll(wait_ms))
-            self._watch.read()
+            if self._watch.monitor in ready:
+                self._watch.read()
+            else:
+                self._watch.reconnect_if_due()
             if self._socket in ready:
                 self._read_blocking()
             elif deadline is not None and time.monotonic() >= deadline:
