@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -430,3 +432,110 @@ async def test_raw_peers_and_wirebus_speak_both_forms(wirebus_address: str) -> N
             pub.send(build_frame(make_topic("tick"), 7, 0, [payload] * 2, version=1))
             await subscriber.wait_until(lambda: subscriber.stats.received >= 6)
     assert subscriber.stats.malformed == subscriber.stats.decode_errors == 0
+
+
+# -- found in review: hangs and leaks at close, a stranded item, a timeout that never came --
+
+
+class SlowPayload(RawPayload):
+    """A codec without run encoding whose encode takes a while."""
+
+    def encode(self, item: Any) -> tuple[bytes, Any]:
+        time.sleep(0.3)  # the slow encode is the point: close() runs meanwhile
+        return super().encode(item)
+
+
+def test_a_publish_that_loses_the_race_with_close_returns(wirebus_address: str) -> None:
+    publisher = ZmqMessagePublisher(SlowPayload(), wirebus_address)
+    publishing = threading.Thread(target=publisher.publish, args=[b"late"], daemon=True)
+    publishing.start()  # past the open check, encoding, when close() runs
+    publisher.close(timeout=5)
+    publishing.join(timeout=5)
+    assert not publishing.is_alive(), "publish() after close() spun for ever"
+
+
+async def test_an_item_published_while_subscriptions_are_read_is_sent(
+    wirebus_address: str,
+) -> None:
+    async with Collector(tick_codec(), wirebus_address) as subscriber:
+        with ZmqMessagePublisher(tick_codec(), wirebus_address) as publisher:
+            await publisher.wait_for_subscribers(timeout=10)
+            with publisher._send_lock:  # as `subscriptions` holds it while it reads
+                await asyncio.to_thread(publisher.publish, Tick(1))  # cannot send: queued
+            assert publisher.subscriptions == 1  # it releases the lock and looks again
+            await subscriber.wait_until(lambda: subscriber.items == [Tick(1)], timeout=5)
+
+
+async def test_close_with_no_time_to_wait_leaks_nothing(wirebus_address: str) -> None:
+    for n in range(20):  # each its own address: a replay socket may close just after
+        ZmqMessagePublisher(tick_codec(), f"{wirebus_address}{n}", replay=10).close(timeout=0)
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("wirebus-") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a publisher's threads did not end"
+        await asyncio.sleep(0.01)  # the threads end after close(): the fd check follows
+
+
+async def test_on_error_that_closes_the_publisher_does_not_deadlock(
+    wirebus_address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Closing(ZmqMessagePublisher[Tick]):
+        def on_error(self, exc: BaseException, item: Tick) -> None:
+            self.close()
+
+    publisher = Closing(tick_codec(), wirebus_address)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(publisher.publish, Tick(object())), 10)
+        publisher.publish(Tick(1))  # still open: the close from inside was refused
+    finally:
+        publisher.close(timeout=5)
+    assert any("from inside its send step" in r.getMessage() for r in caplog.records)
+
+
+def test_close_returns_by_its_deadline_while_runs_encode_slowly(wirebus_address: str) -> None:
+    class Slow(MsgspecCodec[Tick]):
+        def run_encoding(self) -> Any:
+            encoding = super().run_encoding()
+            assert encoding is not None
+
+            def encode(items: Any) -> bytes:
+                time.sleep(0.2)  # a slow run: what close(timeout) must not wait out
+                return encoding.encode(items)
+
+            return type(encoding)(encoding.topic, encode, encoding.item_type)
+
+    topics = [make_topic(f"t{n}") for n in range(20)]
+    codec = Slow(Tick, topic=lambda tick: topics[tick.seq])
+    publisher = ZmqMessagePublisher(codec, wirebus_address)
+    publisher._send_lock.acquire()  # nothing goes out before close(): 20 runs of one item
+    publisher.publish_many(Tick(n) for n in range(20))
+    publisher._send_lock.release()
+    started = time.monotonic()
+    publisher.close(timeout=0.5)
+    assert time.monotonic() - started < 2.5  # 20 runs would take 4 s
+    assert publisher.stats.sent < 20
+
+
+FLOOD = """
+import sys, time, zmq
+ctx = zmq.Context(); pub = ctx.socket(zmq.PUB); pub.connect(sys.argv[1])
+deadline = time.monotonic() + 8
+while time.monotonic() < deadline:
+    pub.send(b"garbage")
+pub.close(linger=0); ctx.term()
+"""
+
+
+def test_receive_blocking_times_out_under_a_stream_of_garbage(wirebus_address: str) -> None:
+    """Messages keep coming and none is an item: the timeout still ends the wait."""
+    with ZmqMessageSubscriber(tick_codec(), wirebus_address, connect=False) as subscriber:
+        subscriber.on_error = ZmqMessageSubscriber.on_error.__get__(subscriber)  # the default
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, wirebus_address])
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                subscriber.receive_blocking(timeout=2)
+            assert time.monotonic() - started < 5  # not only once the flood stops (8 s)
+            assert subscriber.stats.malformed > 1000, "the flood never got going"
+        finally:
+            flood.kill()
+            flood.wait(timeout=10)

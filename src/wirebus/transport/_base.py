@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from wirebus._resource import Resource
@@ -24,6 +25,36 @@ def safe_repr(obj: object) -> str:
         return repr(obj)
     except Exception as exc:
         return f"<{type(obj).__name__} object (repr raised {type(exc).__name__})>"
+
+
+class LastOneOut:
+    """Releases a thread's resources (its wake pipe, its socket) once, whoever is last: the
+    thread that stops it, if the thread ended within the stopper's timeout, or else the thread
+    itself as it ends. So a ``close(timeout)`` that cannot wait leaks nothing."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._lock = threading.Lock()
+        self._ended = False
+        self._orphaned = False
+
+    def thread_ends(self) -> None:
+        """Called by the thread, last thing it does."""
+        with self._lock:
+            self._ended = True
+            if not self._orphaned:
+                return
+        self._release()
+
+    def stopper_waited(self) -> bool:
+        """Called by the stopper after its join: True when it released (the thread ended),
+        False when the thread will, as it ends."""
+        with self._lock:
+            if not self._ended:
+                self._orphaned = True
+                return False
+        self._release()
+        return True
 
 
 class RateLimitedLog:

@@ -363,8 +363,14 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         """Send everything pending, then close the socket; idempotent and thread-safe.
 
         Delivery waits up to ``linger`` ms (``-1``: until delivered), and at most ``timeout``
-        seconds when given: whatever happens in the send step, ``close`` returns by then.
+        seconds when given: whatever happens in the send step, ``close`` returns by then
+        (what is not sent by then is dropped, and logged). It cannot be called from inside the
+        send step (an ``on_error``): that raises ``RuntimeError``.
         """
+        if self._sending_thread == threading.get_ident():
+            raise RuntimeError(
+                f"close() on {self!r} from inside its send step (on_error?): close it after"
+            )
         if not self._set_state(_State.CLOSING, only_from=(_OPEN, _State.FAILED)):
             return
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -374,12 +380,16 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
 
         try:
             if not self._writer.stop(None if deadline is None else remaining()):
-                logger.error("%s: the writer thread did not end in time", safe_repr(self))
+                logger.warning("%s: the writer thread ends after close()", safe_repr(self))
             if not self._send_lock.acquire(timeout=remaining()):
-                logger.error("%s: the socket stayed busy; not closed", safe_repr(self))
+                self._handed_close = True  # the thread sending now closes the socket after
+                self._close_handed(wait=False)  # unless it finished meanwhile
+                logger.warning("%s: a send outlived close()'s timeout", safe_repr(self))
                 return
             try:
-                self._send_locked()
+                self._send_locked(deadline)
+                if self._queue:
+                    logger.warning("%s: %d item(s) not sent", safe_repr(self), len(self._queue))
                 linger = self._linger
                 if deadline is not None:
                     budget = int(remaining() * 1000)
@@ -393,6 +403,9 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             self._set_state(_State.CLOSED, only_from=_State.CLOSING)
             self._settle_flushes(closed=True)
             _live_publishers.discard(self)
+
+    def _close_socket(self, linger: int) -> None:
+        self._owned.close(linger)
 
 
 def _check_replay(

@@ -24,7 +24,7 @@ import zmq
 from wirebus import _endpoint
 from wirebus.security import CurveClient, CurveServer
 from wirebus.transport import _wire
-from wirebus.transport._base import RateLimitedLog, safe_repr
+from wirebus.transport._base import LastOneOut, RateLimitedLog, safe_repr
 from wirebus.transport._socket import OwnedSocket
 
 MAX_TOPICS = 1024
@@ -152,24 +152,33 @@ class ReplayServer:
         self.refused = 0  # requests answered with an error
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._last_one_out = LastOneOut(self._release)
         self._thread = threading.Thread(
             target=self._run, name=f"wirebus-replay {self.address}", daemon=True
         )
         self._thread.start()
 
     def close(self, timeout: float | None = None) -> None:
+        """Stop the thread; its pipe and socket are closed now, or by the thread as it ends
+        if it does not end within ``timeout``."""
         self._stopping = True
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._log(logging.ERROR, f"{self._owner}: the replay thread did not end in time")
-            return
+        self._last_one_out.stopper_waited()
+
+    def _release(self) -> None:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._owned.close(linger=0)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._last_one_out.thread_ends()
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._owned.socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wirebus import _aio
-from wirebus.transport._base import RateLimitedLog, safe_repr
+from wirebus.transport._base import LastOneOut, RateLimitedLog, safe_repr
 from wirebus.transport._sendstep import Entry, SendStep
 
 _TICK = 0.02  # s: how often a ticking writer looks for a stalled queue
@@ -82,6 +82,7 @@ class Writer:
         self._stopping = False
         self.ticking = False
         self._error_log = RateLimitedLog()
+        self._last_one_out = LastOneOut(self._close_pipe)
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -98,16 +99,17 @@ class Writer:
         self._wake()
 
     def stop(self, timeout: float | None) -> bool:
-        """End the thread (within ``timeout``); True when it ended. Closes the wake pipe."""
+        """End the thread (within ``timeout``); True when it ended. The wake pipe is closed
+        now, or by the thread as it ends if it did not end in time."""
         self._stopping = True
         self._sleeping = True  # wake it whatever it believes
         self._wake()
         self.thread.join(timeout)
-        if self.thread.is_alive():
-            return False
+        return self._last_one_out.stopper_waited()
+
+    def _close_pipe(self) -> None:
         os.close(self._wake_r)
         os.close(self._wake_w)
-        return True
 
     def _wake(self) -> None:
         if self._sleeping:
@@ -130,6 +132,12 @@ class Writer:
         self._sleeping = False
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._last_one_out.thread_ends()
+
+    def _serve(self) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         progress_at_tick = -1
@@ -193,6 +201,8 @@ class Dispatcher:
         self._deferred_at = 0.0  # when the writer was last woken for a loop-less burst
         self._last_inline = 0.0  # when a loop-less publish() last sent at once
         self._flush_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._sending_thread: int | None = None  # who holds the send lock to send, if anyone
+        self._handed_close = False  # close() gave up waiting: the sender closes the socket
         self._writer = Writer(
             name, self._send_from_writer, self._queue, lambda: step.messages, self._forget_schedule
         )
@@ -213,6 +223,9 @@ class Dispatcher:
         raise NotImplementedError
 
     def _send_failed(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+    def _close_socket(self, linger: int) -> None:
         raise NotImplementedError
 
     def _schedule(self) -> None:
@@ -271,21 +284,42 @@ class Dispatcher:
         queue, lock = self._queue, self._send_lock
         while queue and lock.acquire(blocking=False):
             try:
+                if self._socket_closed():  # published while close() ran: never sent
+                    return
                 self._send_locked()
             finally:
                 lock.release()
+        if self._handed_close:
+            self._close_handed()
 
-    def _send_locked(self) -> None:
+    def _send_locked(self, deadline: float | None = None) -> None:
+        """Send the queue (under the send lock), or until ``deadline`` (``time.monotonic()``)."""
         if self._socket_closed():
             return
         queue = self._queue
-        while queue:
-            try:
-                self._step.send(queue)
-            except Exception as exc:
-                self._send_failed(exc)
+        self._sending_thread = threading.get_ident()
+        try:
+            while queue and (deadline is None or time.monotonic() < deadline):
+                try:
+                    self._step.send(queue, deadline)
+                except Exception as exc:
+                    self._send_failed(exc)
+        finally:
+            self._sending_thread = None
         if self._flush_waiters:
             self._settle_flushes()
+
+    def _close_handed(self, wait: bool = True) -> None:
+        """Close the socket for a ``close()`` that could not wait for a send under way: by
+        the sender once it is done, or by ``close()`` itself should the sender already be."""
+        if not self._send_lock.acquire(blocking=wait):
+            return
+        try:
+            if self._handed_close and not self._socket_closed():
+                self._close_socket(0)
+            self._handed_close = False
+        finally:
+            self._send_lock.release()
 
     def _settle_flushes(self, closed: bool = False) -> None:
         handled = self._step.handled
@@ -298,7 +332,8 @@ class Dispatcher:
                 _aio.resolve_threadsafe(loop, done, RuntimeError(message))
             else:
                 continue
-            self._flush_waiters.remove(waiter)
+            with contextlib.suppress(ValueError):  # settled by another thread meanwhile
+                self._flush_waiters.remove(waiter)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Return once everything published so far is handed to ZMQ (or settled otherwise:
@@ -355,4 +390,5 @@ class Dispatcher:
                     self._step.read_subscriptions()
             finally:
                 self._send_lock.release()
+            self._send_now()  # what was published while this held the lock
         return self._step.subscriptions

@@ -13,6 +13,7 @@ import collections
 import itertools
 import logging
 import operator
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -75,14 +76,18 @@ class SendStep(Generic[T]):
         """Items whose fate is settled: sent, superseded, failed to encode, or lost."""
         return self.sent + self.conflated + self.encode_errors + self.lost
 
-    def send(self, queue: collections.deque[Entry]) -> None:
-        """Send everything in ``queue``, batching runs of one topic (under the send lock)."""
+    def send(self, queue: collections.deque[Entry], deadline: float | None = None) -> None:
+        """Send ``queue``, batching runs of one topic (under the send lock): all of it, or
+        the runs begun before ``deadline`` (``time.monotonic()``); the rest stays queued."""
         popleft = queue.popleft
         while queue:
             runs = itertools.groupby(
                 itertools.starmap(popleft, itertools.repeat((), len(queue))), _TOPIC
             )
             for topic, run in runs:
+                if deadline is not None and time.monotonic() >= deadline:
+                    queue.extendleft(reversed([*run, *(e for _, r in runs for e in r)]))
+                    return
                 values = list(map(_VALUE, run))
                 try:
                     self._send_run(topic, values)
@@ -91,24 +96,26 @@ class SendStep(Generic[T]):
                     raise
 
     def _send_run(self, topic: bytes, values: list[Any]) -> None:
-        superseded = 0
-        if self._conflate:
-            superseded = len(values) - 1
-            values = values[-1:]
-        step = _wire.MAX_ITEMS
-        for start in range(0, len(values), step):
-            chunk = values[start : start + step]
-            try:
+        """Send one run; on an error, what of it is not settled yet is counted as lost."""
+        settled_before, total = self.handled, len(values)
+        try:
+            superseded = 0
+            if self._conflate:
+                superseded = len(values) - 1
+                values = values[-1:]
+            step = _wire.MAX_ITEMS
+            for start in range(0, len(values), step):
+                chunk = values[start : start + step]
                 if self._encode_run is None:
                     self._send_payloads(topic, chunk, superseded)
                 else:
                     self._send_items(topic, chunk, superseded)
-            except Exception:
-                self.lost += len(values) - start
-                raise
-            superseded = 0
-            if self.messages % 64 == 0:  # a long queue: keep the subscription count current
-                self.read_subscriptions()
+                superseded = 0
+                if self.messages % 64 == 0:  # a long queue: keep the subscription count current
+                    self.read_subscriptions()
+        except Exception:
+            self.lost += total - (self.handled - settled_before)
+            raise
 
     def _send_items(self, topic: bytes, items: list[T], superseded: int) -> None:
         """Encode ``items`` in one call and send them in one message (or more, if too big)."""

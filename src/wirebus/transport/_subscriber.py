@@ -340,7 +340,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                 self._watch.reconnect_if_due()
             if self._socket in ready:
                 self._read_blocking()
-            elif deadline is not None and time.monotonic() >= deadline:
+            if not self._received and deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{self!r}: nothing arrived within {timeout} s")
         return self._received.popleft()
 
@@ -350,9 +350,11 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
             yield self.receive_blocking(timeout)
 
     def _read_blocking(self) -> None:
+        """Read what is there, at most a buffer's worth (under a flood the socket is never
+        empty, and the caller's timeout must still be looked at), and deliver it."""
         recv = self._socket.recv
         try:
-            while True:
+            for _ in range(_MAX_BUFFERED_FRAMES):
                 frame = recv(zmq.NOBLOCK)
                 if self._conflate:
                     self._newest[frame[_wire.PUBLISHER_ID]] = frame

@@ -65,8 +65,9 @@ class ConnectionWatch:
         self.reconnect_if_due()
 
     def _seen(self, event: int, endpoint: str) -> None:
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # libzmq reconnected by itself
             self._backoff = _FIRST_BACKOFF
+            self.due = None
             return
         if event & _HANDSHAKE_FAILED:
             self._stats.handshake_failures += 1
