@@ -38,6 +38,13 @@ class LastOneOut:
         self._ended = False
         self._orphaned = False
 
+    def run(self, serve: Callable[[], None]) -> None:
+        """The thread's target: ``serve``, then, as the thread ends, :meth:`thread_ends`."""
+        try:
+            serve()
+        finally:
+            self.thread_ends()
+
     def thread_ends(self) -> None:
         """Called by the thread, last thing it does."""
         with self._lock:

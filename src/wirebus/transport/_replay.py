@@ -154,7 +154,10 @@ class ReplayServer:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._last_one_out = LastOneOut(self._release)
         self._thread = threading.Thread(
-            target=self._run, name=f"wirebus-replay {self.address}", daemon=True
+            target=self._last_one_out.run,
+            args=(self._serve,),
+            name=f"wirebus-replay {self.address}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -171,12 +174,6 @@ class ReplayServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._owned.close(linger=0)
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        finally:
-            self._last_one_out.thread_ends()
 
     def _serve(self) -> None:
         poller = zmq.Poller()

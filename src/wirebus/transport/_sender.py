@@ -83,7 +83,9 @@ class Writer:
         self.ticking = False
         self._error_log = RateLimitedLog()
         self._last_one_out = LastOneOut(self._close_pipe)
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread = threading.Thread(
+            target=self._last_one_out.run, args=(self._serve,), name=name, daemon=True
+        )
         self.thread.start()
 
     def want(self, after: float = 0.0) -> None:
@@ -130,12 +132,6 @@ class Writer:
             poller.poll(timeout)
             _drain(self._wake_r)
         self._sleeping = False
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        finally:
-            self._last_one_out.thread_ends()
 
     def _serve(self) -> None:
         poller = select.poll()
