@@ -187,12 +187,15 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                     self._start_consumer()
                     if self._socket.closed:  # process() closed the subscriber
                         return
-                while True:
-                    frames.append(recv(zmq.NOBLOCK))
-                    if len(frames) >= _MAX_BUFFERED_FRAMES:
-                        # Full: stop watching the FD; the consumer resumes and reads at once.
-                        self._pause_reading()
-                        break
+                # One frame per wake-up is the common case: asking EVENTS re-arms the edge as
+                # EAGAIN does, for the same system calls but without raising zmq.Again.
+                if self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    while True:
+                        frames.append(recv(zmq.NOBLOCK))
+                        if len(frames) >= _MAX_BUFFERED_FRAMES:
+                            # Full: stop watching the FD; the consumer resumes and reads at once.
+                            self._pause_reading()
+                            break
             except zmq.Again:
                 pass
             pending = bool(frames)
