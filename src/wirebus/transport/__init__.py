@@ -14,7 +14,7 @@ publisher's replay buffer and endpoint) and ``_recovery`` (a subscriber fetching
 """
 
 from wirebus.transport._base import MessagePublisher, MessageSubscriber
-from wirebus.transport._decoder import SubscriberStats
+from wirebus.transport._decoder import Position, SubscriberStats
 from wirebus.transport._publisher import PublisherStats, ZmqMessagePublisher
 from wirebus.transport._subscriber import ZmqMessageSubscriber
 from wirebus.transport._wire import WIRE_VERSION
@@ -23,6 +23,7 @@ __all__ = [
     "WIRE_VERSION",
     "MessagePublisher",
     "MessageSubscriber",
+    "Position",
     "PublisherStats",
     "SubscriberStats",
     "ZmqMessagePublisher",

@@ -9,13 +9,13 @@ could make counts as a new incarnation rather than as items dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import msgspec
 
-from wirebus.codec import MessageCodec, run_decoder_of
+from wirebus.codec import TOPIC_FRAME_SIZE, MessageCodec, run_decoder_of
 from wirebus.transport import _wire
 from wirebus.transport._base import RateLimitedLog
 
@@ -29,6 +29,8 @@ MAX_GAP = 2**32
 
 _split_run = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
 Failure = tuple[Exception, bytes | None]
+Position = dict[tuple[int, bytes], int]
+"""Per (publisher id, topic): the sequence number of the next item due from that publisher."""
 
 
 @dataclass
@@ -118,6 +120,31 @@ class FrameDecoder(Generic[T]):
         """The next sequence number due from ``publisher`` on ``topic``; ``None`` when that
         pair is not tracked (never heard, or forgotten)."""
         return self._next_seq.get((publisher, topic))
+
+    def position(self) -> Position:
+        """A copy of the table: the next sequence number due per (publisher, topic)."""
+        return dict(self._next_seq)
+
+    def resume(self, position: Mapping[tuple[int, bytes], int]) -> None:
+        """Expect, per (publisher, topic) of ``position``, its sequence number next (as if
+        everything before it had arrived). ``ValueError`` naming an entry that cannot be one."""
+        for key, seq in position.items():
+            if not (
+                isinstance(key, tuple)
+                and len(key) == 2
+                and isinstance(key[0], int)
+                and 0 <= key[0] < 2**64
+                and isinstance(key[1], bytes)
+                and len(key[1]) == TOPIC_FRAME_SIZE
+                and isinstance(seq, int)
+                and 0 <= seq < 2**64
+            ):
+                raise ValueError(
+                    f"resume maps (publisher id, {TOPIC_FRAME_SIZE}-byte topic) to a "
+                    f"sequence number >= 0, got {key!r}: {seq!r}"
+                )
+        for (publisher, topic), seq in position.items():
+            self.skip_to(publisher, topic, seq, dropped=0)
 
     def skip_to(self, publisher: int, topic: bytes, seq: int, dropped: int) -> None:
         """Expect ``seq`` next from ``publisher`` on ``topic``, counting ``dropped`` items

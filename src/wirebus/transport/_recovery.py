@@ -17,7 +17,7 @@ import asyncio
 import collections
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
 import zmq
@@ -116,6 +116,12 @@ class Recovery(Generic[T]):
     def due(self) -> bool:
         """Replies to deliver, or a recovery to end."""
         return any(fetch.replies or fetch.done for fetch in self._fetches.values())
+
+    def positions(self) -> Iterator[tuple[tuple[int, bytes], int]]:
+        """Per recovery under way: its (publisher, topic) and the next item it has to hand
+        over (what was handed to ``process()`` so far ends just before it)."""
+        for fetch in self._fetches.values():
+            yield (fetch.publisher, fetch.topic), fetch.next
 
     # -- the consumer's side -----------------------------------------------------------------
 
