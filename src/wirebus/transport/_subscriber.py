@@ -61,8 +61,10 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     (``docs/pubsub.md``). Recovery needs an event loop (not :meth:`receive_blocking`).
 
     ``resume`` continues where an earlier subscriber stopped: pass the :attr:`position` it had
-    when it last stored its work, and items from there on are due (with ``recover=True``,
-    fetched again while still in the publisher's replay buffer) instead of ``history``.
+    when it last stored its work, and items from there on are due instead of ``history``. With
+    ``recover=True``, on the first message of each publisher in it, everything that publisher
+    still keeps after the position is fetched, topic by topic (a later message shows no gap for
+    items lost at the end of a topic); without, a gap is counted as dropped.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                 main_address=self.address if connect else None,
                 kick=self._kick,
                 owner=f"subscriber for {self.address}",
+                resume=resume or {},
             )
 
     def __repr__(self) -> str:
