@@ -37,7 +37,9 @@ _MAX_REPLIES = 4 * 64  # replies queued for one recovery; a peer sending more is
 
 
 class _Fetch:
-    """One publisher's recovery: items ``next`` up to ``end`` of ``topic`` still wanted."""
+    """One publisher's recovery: items ``next`` up to ``end`` of ``topic`` still wanted; or,
+    with ``history``, that many items of each of its topics, in the order sent, from the
+    message after cursor ``next`` on."""
 
     __slots__ = (
         "asked_from",
@@ -46,6 +48,7 @@ class _Fetch:
         "endpoint",
         "held",
         "held_bytes",
+        "history",
         "next",
         "progress_at",
         "publisher",
@@ -55,7 +58,10 @@ class _Fetch:
         "topic",
     )
 
-    def __init__(self, publisher: int, topic: bytes, endpoint: str, first: int, end: int) -> None:
+    def __init__(
+        self, publisher: int, topic: bytes, endpoint: str, first: int, end: int, history: int = 0
+    ) -> None:
+        self.history = history
         self.publisher = publisher
         self.topic = topic
         self.endpoint = endpoint
@@ -115,6 +121,7 @@ class Recovery(Generic[T]):
         if recover:
             for (publisher, topic), seq in resume.items():
                 self._catch_up.setdefault(publisher, []).append((topic, seq))
+        self._heard: dict[int, None] = dict.fromkeys(self._catch_up)  # history asked, or resumed
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -128,7 +135,8 @@ class Recovery(Generic[T]):
         """Per recovery under way: its (publisher, topic) and the next item it has to hand
         over (what was handed to ``process()`` so far ends just before it)."""
         for fetch in self._fetches.values():
-            yield (fetch.publisher, fetch.topic), fetch.next
+            if not fetch.history:  # a history goes through the decoder's own table
+                yield (fetch.publisher, fetch.topic), fetch.next
 
     # -- the consumer's side -----------------------------------------------------------------
 
@@ -149,6 +157,13 @@ class Recovery(Generic[T]):
         if publisher in self._catch_up and publisher in self._endpoints:
             return self._start_catch_up(publisher, frame)
         expected = self._decoder.expected(publisher, header.topic)
+        if (
+            expected is None
+            and self._history
+            and publisher not in self._heard
+            and publisher in self._endpoints
+        ):
+            return self._start_history(publisher, frame)
         if expected is None:
             if not self._history:
                 return False
@@ -165,6 +180,22 @@ class Recovery(Generic[T]):
         if expected is None:  # what came before the history asked for is missed, as always
             self._decoder.skip_to(publisher, header.topic, first, dropped=first)
         fetch = _Fetch(publisher, header.topic, endpoint, first, header.first)
+        self._fetches[publisher] = fetch
+        self._hold(fetch, frame)
+        self._request(fetch)
+        return True
+
+    def _start_history(self, publisher: int, frame: bytes) -> bool:
+        """Fetch the history of every topic of a publisher first heard, in the order it was
+        sent (so that, say, a session's start comes before its samples), holding ``frame``;
+        False when that cannot be done."""
+        if len(self._heard) >= MAX_TRACKED:
+            del self._heard[next(iter(self._heard))]
+        self._heard[publisher] = None
+        endpoint = self._dealer(publisher)
+        if endpoint is None:
+            return False
+        fetch = _Fetch(publisher, b"", endpoint, 0, _OPEN_END, history=self._history)
         self._fetches[publisher] = fetch
         self._hold(fetch, frame)
         self._request(fetch)
@@ -209,6 +240,9 @@ class Recovery(Generic[T]):
     def _replayed(
         self, fetch: _Fetch, frame: bytes, items: list[T], failures: list[Failure]
     ) -> None:
+        if fetch.history:
+            self._historic(fetch, frame, items, failures)
+            return
         try:
             header = _wire.unpack(frame)
             if header.publisher != fetch.publisher or header.topic != fetch.topic:
@@ -228,13 +262,39 @@ class Recovery(Generic[T]):
             return
         fetch.next = min(header.first + header.items, fetch.end)
 
+    def _historic(
+        self, fetch: _Fetch, frame: bytes, items: list[T], failures: list[Failure]
+    ) -> None:
+        try:
+            publisher = _wire.unpack(frame).publisher
+        except _wire.MalformedFrame:
+            publisher = fetch.publisher  # the decoder counts and reports it
+        if publisher != fetch.publisher:
+            self._stats.malformed += 1
+            failures.append(
+                (
+                    ValueError(
+                        f"history of publisher {publisher:#x}, asked of {fetch.publisher:#x}"
+                    ),
+                    frame,
+                )
+            )
+            return
+        self._decoder.decode_history(frame, items, failures)
+
     def _ended(self, fetch: _Fetch, body: bytes) -> None:
         try:
-            _after, more = _wire.unpack_end(body)
+            after, more = _wire.unpack_end(body)
         except _wire.MalformedFrame as exc:
             self._give_up(fetch, str(exc))
             return
-        if more and fetch.asked_from < fetch.next < fetch.end:
+        if fetch.history:
+            if more and after > fetch.next:
+                fetch.next = after
+                self._request(fetch)
+            else:
+                fetch.done = True
+        elif more and fetch.asked_from < fetch.next < fetch.end:
             self._request(fetch)
         else:
             fetch.done = True
@@ -244,8 +304,9 @@ class Recovery(Generic[T]):
         self._by_request.pop(fetch.request_id, None)
         if fetch.timer is not None:
             fetch.timer.cancel()
-        end = fetch.next if fetch.end == _OPEN_END else fetch.end
-        self._decoder.skip_to(fetch.publisher, fetch.topic, end, dropped=end - fetch.next)
+        if not fetch.history:
+            end = fetch.next if fetch.end == _OPEN_END else fetch.end
+            self._decoder.skip_to(fetch.publisher, fetch.topic, end, dropped=end - fetch.next)
         frames.extendleft(reversed(fetch.held))
 
     def _hold(self, fetch: _Fetch, frame: bytes) -> None:
@@ -256,10 +317,11 @@ class Recovery(Generic[T]):
 
     def _give_up(self, fetch: _Fetch, why: str) -> None:
         fetch.done = True
+        what = "its history" if fetch.history else f"items {fetch.next}..{fetch.end - 1}"
         self._log(
             logging.WARNING,
-            f"{self._owner}: recovering items {fetch.next}..{fetch.end - 1} of publisher "
-            f"{fetch.publisher:#x} from {fetch.endpoint}: {why}; counted as dropped",
+            f"{self._owner}: recovering {what} of publisher {fetch.publisher:#x} from "
+            f"{fetch.endpoint}: {why}; counted as dropped",
         )
 
     # -- requests and replies ----------------------------------------------------------------
@@ -324,7 +386,10 @@ class Recovery(Generic[T]):
         fetch.asked_from = fetch.next
         self._by_request[fetch.request_id] = fetch
         fetch.progress_at = self._loop.time()
-        request = _wire.pack_request(fetch.topic, fetch.request_id, fetch.next, fetch.end)
+        if fetch.history:
+            request = _wire.pack_history_request(fetch.request_id, fetch.history, fetch.next)
+        else:
+            request = _wire.pack_request(fetch.topic, fetch.request_id, fetch.next, fetch.end)
         try:
             self._dealers[fetch.endpoint].socket.send(request, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
