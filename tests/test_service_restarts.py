@@ -29,6 +29,7 @@ from wirebus.kvstore import BasicKVStore, KVStoreReader
 from wirebus.record import EventRecordCodec
 from wirebus.services.event_logger import (
     JsonLinesWriter,
+    Resume,
     checkpoint_path,
     log_files,
     restore,
@@ -54,7 +55,7 @@ def test_restore_without_a_checkpoint_leaves_the_log_alone(tmp_path: Path) -> No
     writer = JsonLinesWriter(path)
     writer.write(issued(0, 10))
     writer.close()
-    assert restore(path) == {}
+    assert restore(path) == Resume({}, {})
     assert logged(path) == issued(0, 10)
 
 
@@ -62,13 +63,14 @@ def test_restore_cuts_the_log_back_to_its_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     position: Position = {(7, TOPIC): 10, (2**64 - 1, make_topic("other")): 3}
     writer = JsonLinesWriter(path)
+    endpoints = {7: "ipc:///run/x.sock.replay", 2**64 - 1: "tcp://10.0.0.5:41234"}
     writer.write(issued(0, 10))
-    writer.checkpoint(position)
+    writer.checkpoint(position, endpoints)
     writer.write(issued(10, 15))  # after the checkpoint: due again after a restart
     writer.close()
-    assert restore(path) == position
+    assert restore(path) == Resume(position, endpoints)
     assert logged(path) == issued(0, 10)
-    assert restore(path) == position  # twice is the same
+    assert restore(path) == Resume(position, endpoints)  # twice is the same
     assert logged(path) == issued(0, 10)
 
 
@@ -83,7 +85,7 @@ def test_restore_puts_back_a_file_rotated_after_the_checkpoint(tmp_path: Path) -
         writer.write(issued(start, start + 2))
     writer.close()
     assert len(log_files(path)) > files + 1
-    assert restore(path) == {(1, TOPIC): 20}
+    assert restore(path).position == {(1, TOPIC): 20}
     assert len(log_files(path)) == files
     assert logged(path) == issued(0, 20)
     assert not os.path.exists(f"{path}.{files}")  # the later rotated files are gone
@@ -167,6 +169,29 @@ async def test_a_logger_killed_mid_stream_and_restarted_logs_every_record_once(
     assert [r.timestamp_ns for r in records] == list(range(events.published)), stderr
     assert "0 missed" in stderr
     assert " 0 recovered" not in stderr  # what the killed logger had not stored came back
+
+
+async def test_a_logger_restarted_after_the_last_event_still_gets_the_rest(
+    tmp_path: Path, wirebus_address: str
+) -> None:
+    log = tmp_path / "events.jsonl"
+    async with EventPublisherService(wirebus_address) as events:
+        async with ServiceLauncher(ready_timeout=30, log_dir=tmp_path) as first:
+            await first.start([_logger(wirebus_address, log, "logger")])
+            await events.wait_for_subscribers(1, timeout=10)
+            for i in range(3000):
+                events.issued(f"s{i}", timestamp_ns=i)
+            await _wait_for_lines(log, 1000)
+            os.kill(first.pids["logger"], signal.SIGKILL)
+            assert await first.stop() == {"logger": -signal.SIGKILL}
+        for i in range(3000, 4000):  # the last events, while no logger runs
+            events.issued(f"s{i}", timestamp_ns=i)
+        await events.flush(timeout=10)
+        async with ServiceLauncher(ready_timeout=30, log_dir=tmp_path) as second:
+            await second.start([_logger(wirebus_address, log, "restarted")])
+            await _wait_for_lines(log, 4000)  # the publisher says nothing more meanwhile
+            assert await second.stop() == {"restarted": 0}
+    assert [r.timestamp_ns for r in logged(log)] == list(range(4000))
 
 
 def _session(samples: int) -> list[EventRecord]:

@@ -14,7 +14,8 @@ It survives being killed. Every :data:`CHECKPOINT_INTERVAL` s (and when it stops
 the file and stores, in ``PATH.position``, how long the log is together with its subscriber's
 :attr:`~wirebus.ZmqMessageSubscriber.position`. Started again on the same ``PATH``, it first
 cuts the log back to that checkpoint (:func:`restore`), then subscribes with ``recover=True``
-and ``resume`` at the stored position: what the killed run wrote after its last checkpoint, and
+and ``resume`` at the stored position (its publishers' replay endpoints stored too, so the
+catch-up starts at once): what the killed run wrote after its last checkpoint, and
 everything published while no logger ran, is fetched from the publisher's replay buffer
 (:class:`~wirebus.services.event_publisher.EventPublisherService` keeps one), so each record is
 in the log once. A publisher not in the checkpoint gets ``--history`` items of history
@@ -28,8 +29,8 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -40,19 +41,36 @@ from wirebus.services import drain
 from wirebus.services.event_publisher import REPLAY_ITEMS
 from wirebus.transport import Position, ZmqMessageSubscriber
 
-__all__ = ["CHECKPOINT_INTERVAL", "JsonLinesWriter", "checkpoint_path", "log_files", "restore"]
+__all__ = [
+    "CHECKPOINT_INTERVAL",
+    "JsonLinesWriter",
+    "Resume",
+    "checkpoint_path",
+    "log_files",
+    "restore",
+]
 
 CHECKPOINT_INTERVAL = 0.1
 """Seconds between two checkpoints of a running logger: what a restart fetches again at most."""
 
 
 class _Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The log's extent (``files`` rotated files, then ``size`` bytes of PATH) and the
-    position of the subscriber that wrote it, as (publisher id, topic, next sequence number)."""
+    """The log's extent (``files`` rotated files, then ``size`` bytes of PATH), the position of
+    the subscriber that wrote it, as (publisher id, topic, next sequence number), and the
+    replay endpoints of those publishers."""
 
     files: int
     size: int
     position: list[tuple[int, bytes, int]]
+    endpoints: dict[int, str] = {}
+
+
+class Resume(NamedTuple):
+    """Where a logger goes on after :func:`restore`: a subscriber's ``resume`` and
+    ``resume_endpoints``."""
+
+    position: Position
+    endpoints: dict[int, str]
 
 
 class JsonLinesWriter:
@@ -87,12 +105,16 @@ class JsonLinesWriter:
         self._file = open(self.path, "ab")  # noqa: SIM115
         self._size = 0
 
-    def checkpoint(self, position: Position) -> None:
-        """Flush, then store the log's length with ``position`` in :func:`checkpoint_path`
-        (replacing the previous checkpoint in one step, so a kill leaves one or the other)."""
+    def checkpoint(self, position: Position, endpoints: Mapping[int, str] | None = None) -> None:
+        """Flush, then store the log's length with ``position`` (and the publishers' replay
+        ``endpoints``) in :func:`checkpoint_path`, replacing the previous checkpoint in one
+        step, so a kill leaves one or the other."""
         self._file.flush()
         state = _Checkpoint(
-            self._rotations, self._size, [(p, topic, seq) for (p, topic), seq in position.items()]
+            self._rotations,
+            self._size,
+            [(p, topic, seq) for (p, topic), seq in position.items()],
+            dict(endpoints or {}),
         )
         target = checkpoint_path(self.path)
         with open(f"{target}.tmp", "wb") as f:
@@ -109,10 +131,11 @@ def checkpoint_path(path: str | os.PathLike[str]) -> str:
     return f"{os.fspath(path)}.position"
 
 
-def restore(path: str | os.PathLike[str]) -> Position:
-    """Cut the log at ``path`` back to its last checkpoint; return the position stored with it.
+def restore(path: str | os.PathLike[str]) -> Resume:
+    """Cut the log at ``path`` back to its last checkpoint; return the position and replay
+    endpoints stored with it.
 
-    Without a checkpoint the log is left as it is and the position is empty. Lines written after
+    Without a checkpoint the log is left as it is and both are empty. Lines written after
     the checkpoint are removed (a file rotated since is put back in its place first): the
     position says they are due again. ``ValueError`` when the checkpoint is unreadable or the
     log is shorter than it says (someone else changed the files): move ``PATH.position`` away
@@ -123,7 +146,7 @@ def restore(path: str | os.PathLike[str]) -> Position:
         with open(checkpoint_path(path), "rb") as f:
             state = msgspec.json.decode(f.read(), type=_Checkpoint)
     except FileNotFoundError:
-        return {}
+        return Resume({}, {})
     except msgspec.DecodeError as exc:
         raise ValueError(f"the checkpoint {checkpoint_path(path)!r} is unreadable: {exc}") from None
     later = state.files + 1
@@ -146,7 +169,7 @@ def restore(path: str | os.PathLike[str]) -> Position:
         if len(topic) != TOPIC_FRAME_SIZE:
             raise ValueError(f"the checkpoint {checkpoint_path(path)!r} has a bad topic {topic!r}")
         position[(publisher, topic)] = seq
-    return position
+    return Resume(position, state.endpoints)
 
 
 def log_files(path: str | os.PathLike[str]) -> list[str]:
@@ -173,18 +196,25 @@ class _Logger(ZmqMessageSubscriber[EventRecord]):
         now = time.monotonic()
         if now >= self._due:
             self._due = now + CHECKPOINT_INTERVAL
-            self._writer.checkpoint(self.position)
+            self.checkpoint()
 
     def checkpoint(self) -> None:
-        self._writer.checkpoint(self.position)
+        self._writer.checkpoint(self.position, self.replay_endpoints)
 
 
 async def _serve(service: ServiceContext, args: argparse.Namespace) -> None:
-    position = restore(args.out)
+    resume = restore(args.out)
     writer = JsonLinesWriter(args.out, args.max_bytes)
     try:
-        writer.checkpoint(position)  # the log as found is where a kill from now on goes back to
-        events = _Logger(writer, args.address, history=args.history, resume=position)
+        # the log as found is where a kill from now on goes back to
+        writer.checkpoint(resume.position, resume.endpoints)
+        events = _Logger(
+            writer,
+            args.address,
+            history=args.history,
+            resume=resume.position,
+            resume_endpoints=resume.endpoints,
+        )
         try:
             await events.start()
             service.ready({"path": args.out})

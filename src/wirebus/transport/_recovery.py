@@ -103,6 +103,7 @@ class Recovery(Generic[T]):
         kick: Callable[[], None],
         owner: str,
         resume: Mapping[tuple[int, bytes], int],
+        endpoints: Mapping[int, str],
     ) -> None:
         self._decoder = decoder
         self._stats = stats
@@ -121,11 +122,22 @@ class Recovery(Generic[T]):
         # publishers of a resumed position, to catch up on as soon as they are heard
         self._resumed = {publisher for publisher, _topic in resume} if recover else set()
         self._heard: dict[int, None] = dict.fromkeys(self._resumed)  # history asked, or resumed
+        for publisher in self._resumed & endpoints.keys():
+            self._dealers.learn(publisher, endpoints[publisher].encode())
         self._passing: dict[int, int] = {}  # publisher -> its messages held by a failed recovery
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin; a resumed publisher whose replay endpoint is known is caught up on at once,
+        whether or not it sends anything more."""
         self._loop = loop
         self._dealers.loop = loop
+        for publisher in [p for p in self._resumed if self._dealers.knows(p)]:
+            self._resumed.discard(publisher)
+            self._start(publisher, None, self._decoder.topics_of(publisher), self._history)
+
+    def endpoints(self) -> dict[int, str]:
+        """The replay endpoint announced by each publisher heard (at most ``MAX_TRACKED``)."""
+        return self._dealers.endpoints()
 
     @property
     def due(self) -> bool:
@@ -175,7 +187,9 @@ class Recovery(Generic[T]):
             return False
         return self._start(publisher, frame, decoder.topics_of(publisher), 0)
 
-    def _start(self, publisher: int, frame: bytes, starts: dict[bytes, int], history: int) -> bool:
+    def _start(
+        self, publisher: int, frame: bytes | None, starts: dict[bytes, int], history: int
+    ) -> bool:
         """Start a recovery of ``publisher`` (see :class:`_Fetch`), holding ``frame``; False
         when its replay endpoint cannot be reached."""
         in_use = {fetch.endpoint for fetch in self._fetches.values()}
@@ -184,7 +198,8 @@ class Recovery(Generic[T]):
             return False
         fetch = _Fetch(publisher, endpoint, starts, history)
         self._fetches[publisher] = fetch
-        self._hold(fetch, frame)
+        if frame is not None:
+            self._hold(fetch, frame)
         self._request(fetch)
         return True
 
@@ -326,6 +341,9 @@ class _Dealers:
 
     def knows(self, publisher: int) -> bool:
         return publisher in self._endpoints
+
+    def endpoints(self) -> dict[int, str]:
+        return {p: endpoint.decode(errors="replace") for p, endpoint in self._endpoints.items()}
 
     def learn(self, publisher: int, endpoint: bytes) -> None:
         """Note the replay endpoint ``publisher`` announced (a bounded table, least recently

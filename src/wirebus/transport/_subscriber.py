@@ -66,6 +66,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     ``recover=True``, on the first message of each publisher in it, everything that publisher
     still keeps after the position is fetched, every topic in the order sent (a later message
     shows no gap for items lost at the end of a topic); without, a gap is counted as dropped.
+    With ``resume_endpoints`` (an earlier subscriber's :attr:`replay_endpoints`) that catch-up
+    starts at once, instead of on the publisher's next message.
     """
 
     def __init__(
@@ -87,11 +89,20 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         recover_timeout: float = 2.0,
         recover_max_bytes: int = 64 * 1024 * 1024,
         resume: Mapping[tuple[int, bytes], int] | None = None,
+        resume_endpoints: Mapping[int, str] | None = None,
     ) -> None:
         super().__init__(conflate=conflate)
         _check_recovery(recover, history, recover_timeout, recover_max_bytes, conflate)
         if resume is not None and not isinstance(resume, Mapping):
             raise TypeError(f"resume must be a mapping (a subscriber's position), got {resume!r}")
+        if resume_endpoints is not None and not (
+            isinstance(resume_endpoints, Mapping)
+            and all(isinstance(p, int) and isinstance(e, str) for p, e in resume_endpoints.items())
+        ):
+            raise TypeError(
+                "resume_endpoints must map publisher ids to replay endpoints (a subscriber's "
+                f"replay_endpoints), got {resume_endpoints!r}"
+            )
         check_codec(codec)
         if isinstance(topics, (str, bytes)):
             raise TypeError(f"topics must be an iterable of topic names, not {topics!r}")
@@ -153,6 +164,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                 kick=self._kick,
                 owner=f"subscriber for {self.address}",
                 resume=resume or {},
+                endpoints=resume_endpoints or {},
             )
 
     def __repr__(self) -> str:
@@ -168,6 +180,14 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         it, and a later subscriber passes it as ``resume`` to go on from there, exactly once.
         """
         return self._decoder.position()
+
+    @property
+    def replay_endpoints(self) -> dict[int, str]:
+        """The replay endpoint each publisher heard announced (with ``recover`` or
+        ``history``; else empty). Stored with :attr:`position` and passed back as
+        ``resume_endpoints``, it lets a resumed subscriber catch up at once, even on a publisher
+        that sends nothing more."""
+        return {} if self._recovery is None else self._recovery.endpoints()
 
     async def start(self) -> None:
         if self._closed:
