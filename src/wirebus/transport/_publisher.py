@@ -28,9 +28,8 @@ from wirebus.codec import (
     type_name,
 )
 from wirebus.security import CurveClient, CurveServer
-from wirebus.transport import _wire
+from wirebus.transport import _replay, _wire
 from wirebus.transport._base import MessagePublisher, RateLimitedLog, logger, safe_repr
-from wirebus.transport._replay import ReplayBuffer, ReplayServer, default_address
 from wirebus.transport._sender import LOOP, Dispatcher
 from wirebus.transport._sendstep import Entry, SendStep
 from wirebus.transport._socket import OwnedSocket
@@ -143,7 +142,7 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm!r}")
         if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
             raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
-        _check_replay(replay, replay_bytes, conflate, curve)
+        _replay.check_settings(replay, replay_bytes, conflate, curve)
         self.codec = codec
         run_encoding = run_encoding_of(codec)
         self._topic_of = run_encoding.topic if run_encoding is not None else None
@@ -175,17 +174,11 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             owner=f"publisher for {address}",
         )
         self.address = self._owned.address
-        self._replay: ReplayServer | None = None
+        self._replay: _replay.ReplayServer | None = None
         if replay:
             try:
-                self._replay = ReplayServer(
-                    ReplayBuffer(replay, replay_bytes),
-                    replay_address or default_address(self.address, bind, self.publisher_id),
-                    context=self._owned.context if address.startswith("inproc://") else None,
-                    curve=curve,
-                    heartbeat=heartbeat,
-                    allow_any_interface=allow_any_interface,
-                    owner=f"publisher for {self.address}",
+                self._replay = _replay.ReplayServer.next_to(
+                    self._owned, replay_address, bind, self.publisher_id, replay, replay_bytes
                 )
             except BaseException:
                 self._owned.close(linger=0)
@@ -406,22 +399,6 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
 
     def _close_socket(self, linger: int) -> None:
         self._owned.close(linger)
-
-
-def _check_replay(
-    replay: int, replay_bytes: int, conflate: bool, curve: CurveServer | CurveClient | None
-) -> None:
-    if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
-        raise ValueError(f"replay must be an int >= 0 items (0: off), got {replay!r}")
-    if isinstance(replay_bytes, bool) or not isinstance(replay_bytes, int) or replay_bytes < 1:
-        raise ValueError(f"replay_bytes must be an int >= 1, got {replay_bytes!r}")
-    if replay and conflate:
-        raise ValueError("replay with conflate=True: a conflating publisher skips items on purpose")
-    if replay and isinstance(curve, CurveClient):
-        raise ValueError(
-            "replay on a CURVE client publisher: its replay endpoint would need server keys of "
-            "its own; bind the publisher as the CurveServer, or leave replay off"
-        )
 
 
 def _bad_topic(codec: object, item: object, topic: object) -> Exception:
