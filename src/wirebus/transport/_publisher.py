@@ -1,6 +1,7 @@
 """The ZeroMQ publisher: ``publish()`` checks and queues, a state for its life, closing.
 
-Who sends the queue is :mod:`~wirebus.transport._sender`'s business (the publisher is a
+What ``publish()`` accepts and the entry it queues is :mod:`~wirebus.transport._intake`'s
+business, who sends the queue :mod:`~wirebus.transport._sender`'s (the publisher is a
 :class:`~wirebus.transport._sender.Dispatcher`), how a run becomes a message
 :mod:`~wirebus.transport._sendstep`'s.
 """
@@ -16,7 +17,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import zmq
 
@@ -25,13 +26,12 @@ from wirebus.codec import (
     MessageCodec,
     check_codec,
     run_encoding_of,
-    type_name,
 )
 from wirebus.security import CurveClient, CurveServer
-from wirebus.transport import _replay, _wire
+from wirebus.transport import _intake, _replay, _wire
 from wirebus.transport._base import MessagePublisher, RateLimitedLog, logger, safe_repr
 from wirebus.transport._sender import LOOP, Dispatcher
-from wirebus.transport._sendstep import Entry, SendStep
+from wirebus.transport._sendstep import SendStep
 from wirebus.transport._socket import OwnedSocket
 
 T = TypeVar("T")
@@ -144,7 +144,7 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
         _replay.check_settings(replay, replay_bytes, conflate, curve)
         self.codec = codec
-        run_encoding = run_encoding_of(codec)
+        self._run_encoding = run_encoding = run_encoding_of(codec)
         self._topic_of = run_encoding.topic if run_encoding is not None else None
         self._item_type = run_encoding.item_type if run_encoding is not None else None
         self._fixed_topic = run_encoding.fixed_topic if run_encoding is not None else None
@@ -221,16 +221,16 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             raise self._refusal("publish()")
         item_type = self._item_type
         if item_type is not None and item.__class__ is not item_type:
-            self._check_type(item)
+            _intake.check_type(self.codec, item_type, item)
         topic = self._fixed_topic
         if topic is None:
             topic_of = self._topic_of
             if topic_of is None:
-                topic, item = self._encode_now(item)
+                topic, item = _intake.encode_now(self.codec, item)
             else:
                 topic = topic_of(item)
                 if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-                    raise _bad_topic(self.codec, item, topic)
+                    raise _intake.bad_topic(self.codec, item, topic)
         queue = self._queue
         queue.append((topic, item))
         self._published += 1
@@ -246,23 +246,7 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         a bad item leaves none of them queued."""
         if self._state is not _OPEN:
             raise self._refusal("publish_many()")
-        topic_of = self._topic_of
-        if topic_of is None:
-            entries = [self._encode_now(item) for item in items]
-        else:
-            items = list(items)
-            if self._item_type is not None:
-                for item in items:
-                    if item.__class__ is not self._item_type:
-                        self._check_type(item)
-            fixed = self._fixed_topic
-            if fixed is not None:
-                entries = [(fixed, item) for item in items]
-            else:
-                entries = [(topic_of(item), item) for item in items]
-                for topic, item in entries:
-                    if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-                        raise _bad_topic(self.codec, item, topic)
+        entries = _intake.entries(self.codec, self._run_encoding, items)
         if not entries:
             return
         queue = self._queue
@@ -274,37 +258,6 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             self._schedule()
         elif not self._writer.ticking:
             self._wait_for_the_loop()
-
-    def _check_type(self, item: object) -> None:
-        if not isinstance(item, cast(type, self._item_type)):
-            raise TypeError(
-                f"{safe_repr(self.codec)} encodes {type_name(self._item_type)}, got "
-                f"{type(item).__name__}: {safe_repr(item)}"
-            )
-
-    def _encode_now(self, item: T) -> Entry:
-        """Encode with a codec that has no run encoding, checking what it returned."""
-        entry: object = self.codec.encode(item)
-        try:
-            topic, payload = cast("tuple[object, object]", entry)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{safe_repr(self.codec)} encoded {safe_repr(item)} as {safe_repr(entry)}, "
-                "not a (topic, payload) pair"
-            ) from None
-        if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-            raise _bad_topic(self.codec, item, topic)
-        if payload.__class__ is not bytes:
-            if isinstance(payload, memoryview):
-                payload = payload.tobytes()  # its bytes, whatever its item size
-            elif isinstance(payload, bytearray):
-                payload = bytes(payload)
-            else:
-                raise TypeError(
-                    f"{safe_repr(self.codec)} encoded {safe_repr(item)} with a payload of type "
-                    f"{type(payload).__name__}; payloads must be bytes-like"
-                )
-        return topic, payload
 
     def on_error(self, exc: BaseException, item: T) -> None:
         """Called on the sending thread for an item that failed to encode in the send step.
@@ -399,15 +352,3 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
 
     def _close_socket(self, linger: int) -> None:
         self._owned.close(linger)
-
-
-def _bad_topic(codec: object, item: object, topic: object) -> Exception:
-    if not isinstance(topic, bytes):
-        return TypeError(
-            f"{safe_repr(codec)} gave {safe_repr(item)} the topic {safe_repr(topic)} of type "
-            f"{type(topic).__name__}; topics are bytes (use make_topic)"
-        )
-    return ValueError(
-        f"{safe_repr(codec)} gave {safe_repr(item)} the topic {topic!r} of {len(topic)} bytes; "
-        f"topics must be exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
-    )

@@ -25,7 +25,8 @@ from typing import Any
 
 from wirebus import _aio
 from wirebus.transport._base import LastOneOut, RateLimitedLog, safe_repr
-from wirebus.transport._sendstep import Entry, SendStep
+from wirebus.transport._intake import Entry
+from wirebus.transport._sendstep import SendStep
 
 _TICK = 0.02  # s: how often a ticking writer looks for a stalled queue
 
