@@ -29,8 +29,8 @@ from wirebus.codec import (
 )
 from wirebus.security import CurveClient, CurveServer
 from wirebus.transport import _intake, _replay, _wire
-from wirebus.transport._base import MessagePublisher, RateLimitedLog, logger, safe_repr
-from wirebus.transport._sender import LOOP, Dispatcher
+from wirebus.transport._base import MessagePublisher, RateLimitedLog, safe_repr
+from wirebus.transport._sender import LOOP, Dispatcher, time_left
 from wirebus.transport._sendstep import SendStep
 from wirebus.transport._socket import OwnedSocket
 
@@ -320,32 +320,11 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         if not self._set_state(_State.CLOSING, only_from=(_OPEN, _State.FAILED)):
             return
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-
-        def remaining() -> float:
-            return -1 if deadline is None else max(0.0, deadline - time.monotonic())
-
         try:
-            if not self._writer.stop(None if deadline is None else remaining()):
-                logger.warning("%s: the writer thread ends after close()", safe_repr(self))
-            if not self._send_lock.acquire(timeout=remaining()):
-                self._handed_close = True  # the thread sending now closes the socket after
-                self._close_handed(wait=False)  # unless it finished meanwhile
-                logger.warning("%s: a send outlived close()'s timeout", safe_repr(self))
-                return
-            try:
-                self._send_locked(deadline)
-                if self._queue:
-                    logger.warning("%s: %d item(s) not sent", safe_repr(self), len(self._queue))
-                linger = self._linger
-                if deadline is not None:
-                    budget = int(remaining() * 1000)
-                    linger = budget if linger < 0 else min(linger, budget)
-                self._owned.close(linger)
-            finally:
-                self._send_lock.release()
+            self._stop_sending(deadline, self._linger)
         finally:
             if self._replay is not None:  # whatever became of the main socket
-                self._replay.close(None if deadline is None else remaining())
+                self._replay.close(time_left(deadline))
             self._set_state(_State.CLOSED, only_from=_State.CLOSING)
             self._settle_flushes(closed=True)
             _live_publishers.discard(self)
