@@ -10,7 +10,7 @@ the rest; :func:`entries` makes the entries of ``publish_many()``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 from wirebus.codec import TOPIC_FRAME_SIZE, MessageCodec, RunEncoding, type_name
@@ -19,6 +19,16 @@ from wirebus.transport._base import safe_repr
 T = TypeVar("T")
 
 Entry = tuple[bytes, Any]  # (topic, item) with run encoding, else (topic, payload bytes)
+
+
+def shortcuts(
+    run_encoding: RunEncoding[T] | None,
+) -> tuple[Callable[[T], bytes] | None, Any, bytes | None]:
+    """What ``publish()`` inlines: the codec's topic function, item type and fixed topic
+    (each ``None`` when the codec has none, as without run encoding)."""
+    if run_encoding is None:
+        return None, None, None
+    return run_encoding.topic, run_encoding.item_type, run_encoding.fixed_topic
 
 
 def check_type(codec: MessageCodec[T], item_type: object, item: object) -> None:

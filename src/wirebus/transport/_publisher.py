@@ -136,18 +136,11 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         replay_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         check_codec(codec)
-        if not isinstance(linger, int) or linger < -1:
-            raise ValueError(f"linger must be -1 (wait forever) or >= 0 ms, got {linger!r}")
-        if not isinstance(sndhwm, int) or sndhwm < 0:
-            raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm!r}")
-        if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
-            raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
+        _check_settings(linger, sndhwm, max_batch_bytes)
         _replay.check_settings(replay, replay_bytes, conflate, curve)
         self.codec = codec
         self._run_encoding = run_encoding = run_encoding_of(codec)
-        self._topic_of = run_encoding.topic if run_encoding is not None else None
-        self._item_type = run_encoding.item_type if run_encoding is not None else None
-        self._fixed_topic = run_encoding.fixed_topic if run_encoding is not None else None
+        self._topic_of, self._item_type, self._fixed_topic = _intake.shortcuts(run_encoding)
         self._linger = linger
         self.publisher_id = int.from_bytes(os.urandom(8), "little")
         self._published = 0
@@ -155,23 +148,8 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         self._failure: Exception | None = None
         self._state_lock = threading.Lock()
         self._error_log = RateLimitedLog()
-        self._owned = OwnedSocket(
-            zmq.XPUB,
-            address,
-            bind=bind,
-            context=context,
-            private_context=not address.startswith("inproc://"),
-            options=[
-                (zmq.SNDHWM, sndhwm),
-                (zmq.IMMEDIATE, int(immediate)),
-                (zmq.XPUB_VERBOSE, 1),
-                (zmq.XPUB_VERBOSER, 1),
-                (zmq.LINGER, linger),
-            ],
-            curve=curve,
-            heartbeat=heartbeat,
-            allow_any_interface=allow_any_interface,
-            owner=f"publisher for {address}",
+        self._owned = _xpub(
+            address, bind, context, sndhwm, linger, immediate, curve, heartbeat, allow_any_interface
         )
         self.address = self._owned.address
         self._replay: _replay.ReplayServer | None = None
@@ -331,3 +309,46 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
 
     def _close_socket(self, linger: int) -> None:
         self._owned.close(linger)
+
+
+def _check_settings(linger: int, sndhwm: int, max_batch_bytes: int) -> None:
+    if not isinstance(linger, int) or linger < -1:
+        raise ValueError(f"linger must be -1 (wait forever) or >= 0 ms, got {linger!r}")
+    if not isinstance(sndhwm, int) or sndhwm < 0:
+        raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm!r}")
+    if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
+        raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
+
+
+def _xpub(
+    address: str,
+    bind: bool,
+    context: zmq.Context[Any] | None,
+    sndhwm: int,
+    linger: int,
+    immediate: bool,
+    curve: CurveServer | CurveClient | None,
+    heartbeat: int,
+    allow_any_interface: bool,
+) -> OwnedSocket:
+    """The publisher's XPUB socket; verbose, so that every subscription reaches the count
+    (``wait_for_subscribers``). A private context unless inproc (which needs the peer's), so
+    that closing it waits for delivery."""
+    return OwnedSocket(
+        zmq.XPUB,
+        address,
+        bind=bind,
+        context=context,
+        private_context=not address.startswith("inproc://"),
+        options=[
+            (zmq.SNDHWM, sndhwm),
+            (zmq.IMMEDIATE, int(immediate)),
+            (zmq.XPUB_VERBOSE, 1),
+            (zmq.XPUB_VERBOSER, 1),
+            (zmq.LINGER, linger),
+        ],
+        curve=curve,
+        heartbeat=heartbeat,
+        allow_any_interface=allow_any_interface,
+        owner=f"publisher for {address}",
+    )
