@@ -2,9 +2,10 @@
 
 :class:`Process` holds a spawned child and a pidfd that becomes readable when it exits; its
 status is read without reaping, so its pid (and process-group id) cannot be reused while the
-launch is still being signalled. :func:`wait_exits` and :func:`collect_status` wait on pidfds
-through the event loop; :func:`until_gone` polls a :class:`~wirebus._watchdog.Sweep`;
-:func:`child_subreaper` makes this process adopt the orphans of what it stops (Linux ``prctl``).
+launch is still being signalled. :func:`watching_exits`, :func:`wait_exits` and
+:func:`collect_status` wait on pidfds through the event loop; :func:`until_gone` polls a
+:class:`~wirebus._watchdog.Sweep`; :func:`child_subreaper` makes this process adopt the orphans
+of what it stops (Linux ``prctl``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import contextlib
 import ctypes
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 from wirebus._aio import resolve
 from wirebus._watchdog import Sweep
@@ -51,6 +53,8 @@ class Process:
         return -result.si_status
 
 
+_P = TypeVar("_P", bound=Process)
+
 _subreaper_users = 0
 _was_subreaper = False
 
@@ -85,6 +89,30 @@ def _prctl(option: int, arg: int) -> None:
         raise OSError(code, f"prctl({option}, {arg}): {os.strerror(code)}")
 
 
+@contextlib.contextmanager
+def watching_exits(
+    loop: asyncio.AbstractEventLoop,
+    children: Iterable[_P],
+    on_exit: Callable[[_P], None],
+) -> Iterator[None]:
+    """Call ``on_exit(child)`` from ``loop`` as each of ``children`` exits while the block runs
+    (its pidfd becomes readable), once per child."""
+    watched = set(children)
+
+    def exited(child: _P) -> None:
+        loop.remove_reader(child.pidfd)
+        watched.discard(child)
+        on_exit(child)
+
+    for child in watched:
+        loop.add_reader(child.pidfd, exited, child)
+    try:
+        yield
+    finally:
+        for child in watched:
+            loop.remove_reader(child.pidfd)
+
+
 async def wait_exits(
     loop: asyncio.AbstractEventLoop, children: Sequence[Process], deadline: float
 ) -> None:
@@ -95,20 +123,16 @@ async def wait_exits(
     done: asyncio.Future[None] = loop.create_future()
 
     def on_exit(child: Process) -> None:
-        loop.remove_reader(child.pidfd)
         pending.discard(child)
         if not pending:
             resolve(done)
 
-    for child in pending:
-        loop.add_reader(child.pidfd, on_exit, child)
     timer = loop.call_at(deadline, resolve, done)
     try:
-        await done
+        with watching_exits(loop, pending, on_exit):
+            await done
     finally:
         timer.cancel()
-        for child in pending:
-            loop.remove_reader(child.pidfd)
 
 
 async def until_gone(loop: asyncio.AbstractEventLoop, sweep: Sweep, deadline: float) -> None:

@@ -32,7 +32,14 @@ from typing import Any
 
 from wirebus import _paths, _watchdog
 from wirebus._aio import positive_timeout
-from wirebus._children import Process, child_subreaper, collect_status, until_gone, wait_exits
+from wirebus._children import (
+    Process,
+    child_subreaper,
+    collect_status,
+    until_gone,
+    wait_exits,
+    watching_exits,
+)
 from wirebus._resource import Resource, State
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
 from wirebus.ready import (
@@ -340,13 +347,10 @@ class ServiceLauncher(Resource):
         exited: asyncio.Future[_Service] = loop.create_future()
 
         def on_exit(service: _Service) -> None:
-            loop.remove_reader(service.pidfd)
             if not exited.done():
                 exited.set_result(service)
 
-        for service in self._services.values():
-            loop.add_reader(service.pidfd, on_exit, service)
-        try:
+        with watching_exits(loop, self._services.values(), on_exit):
             while len(ready) < len(names):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -365,9 +369,6 @@ class ServiceLauncher(Resource):
                 except TimeoutError:
                     raise self._not_ready_error(names, ready) from None
                 ready[signal_.identity] = signal_  # the receiver checked identity and token
-        finally:
-            for service in self._services.values():
-                loop.remove_reader(service.pidfd)
         return ready
 
     async def _exit_error(
