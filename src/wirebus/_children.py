@@ -27,12 +27,18 @@ _PR_GET_CHILD_SUBREAPER = 37
 
 
 class Process:
-    """A spawned child and a pidfd that becomes readable when it exits."""
+    """A spawned child and a pidfd that becomes readable when it exits; a child whose pidfd
+    cannot be opened is killed and reaped (nobody could watch it) before the error propagates."""
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.pidfd = os.pidfd_open(popen.pid)
+        try:
+            self.pidfd = os.pidfd_open(popen.pid)
+        except BaseException:
+            popen.kill()
+            popen.wait()
+            raise
 
     def exit_status(self) -> int | None:
         """The exit code (negative: killed by that signal) without reaping, or None if running.

@@ -290,12 +290,7 @@ class ServiceLauncher(Resource):
                     f"cannot start service {spec.name!r} ({list(spec.argv)!r}): {exc}",
                     name=spec.name,
                 ) from exc
-        try:
-            self._services[spec.name] = _Service(spec, popen, log_path)
-        except BaseException:
-            popen.kill()
-            popen.wait()
-            raise
+        self._services[spec.name] = _Service(spec, popen, log_path)
 
     def _spawn_watchdog(self) -> None:
         """Start the process that ends the launch if this process dies, even by SIGKILL.
@@ -327,12 +322,7 @@ class ServiceLauncher(Resource):
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
-        try:
-            self._watchdog = Process(popen)
-        except BaseException:
-            popen.kill()
-            popen.wait()
-            raise
+        self._watchdog = Process(popen)
 
     def _close_death_read(self) -> None:
         if self._death_read is not None:
