@@ -75,6 +75,33 @@ def test_demo_end_to_end_loses_nothing(tmp_path: Path) -> None:
     assert _demo_leftovers() == []
 
 
+def test_demo_with_the_logger_killed_and_restarted_still_loses_nothing(tmp_path: Path) -> None:
+    result = run(
+        "demo", "--samples", "300", "--rate", "300", "--out", str(tmp_path), "--restart-logger"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().splitlines()[-2].endswith(": 0 lost")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["exit_codes"] == {
+        "event_logger": -signal.SIGKILL,
+        "event_logger_restarted": 0,
+        "metrics_aggregator": 0,
+    }
+    assert summary["published"] == summary["logged"] == summary["stored"]
+    assert (summary["lost"], summary["duplicated"]) == (0, 0)
+    lines = [
+        line
+        for f in log_files(tmp_path / "events.jsonl")
+        for line in Path(f).read_bytes().splitlines()
+    ]
+    assert len(set(lines)) == len(lines) == summary["published"]  # each event once
+    restarted = (tmp_path / "logs" / "event_logger_restarted.log").read_text()
+    recovered = int(restarted.split(" recovered")[0].rsplit("(", 1)[1])
+    assert recovered > 0, restarted  # what the killed logger missed came from the replay
+    assert "0 missed" in restarted
+    assert _demo_leftovers() == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_stopping_the_demo_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
     """Ctrl-C, a kill, or the terminal going away: services stopped, /dev/shm clean."""

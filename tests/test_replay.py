@@ -16,11 +16,13 @@ import pytest
 import zmq
 
 from _peers import Peer, announced_endpoint, parse_frame
+from _support import wait_until_async
 from test_security import client, keys, server  # noqa: F401  (keys is a fixture)
 from wirebus import (
     EventRecord,
     EventRecordCodec,
     SampleEventType,
+    SessionEventType,
     ZmqMessagePublisher,
     ZmqMessageSubscriber,
     make_topic,
@@ -356,3 +358,122 @@ async def test_fan_in_of_four_with_one_restarted_loses_nothing_of_the_others(
         assert of(name) == list(range(published[name])), name
     assert of("d") == list(range(len(of("d"))))  # in order up to where it was killed
     assert subscriber.stats.dropped == 0
+
+
+# -- position and resume ---------------------------------------------------------------------
+
+
+class Checkpointing(Gated):
+    """Notes, in every process(), its position against the items handed over so far."""
+
+    def __init__(self, address: str, **options: Any) -> None:
+        super().__init__(address, **options)
+        self.checkpoints: list[tuple[int, dict[tuple[int, bytes], int]]] = []
+
+    async def process(self, items: list[EventRecord]) -> None:
+        await super().process(items)
+        self.checkpoints.append((len(self.items), self.position))
+
+
+async def test_the_position_covers_exactly_what_process_was_handed_during_a_recovery_too(
+    wirebus_address: str,
+) -> None:
+    peer = Peer(PEERS, "publish", wirebus_address, "100000", "10")
+    try:
+        await peer.wait_for(lambda state: "replay" in state, timeout=20)
+        async with Checkpointing(wirebus_address, rcvhwm=10, recover=True) as subscriber:
+            peer.send("1")
+            await subscriber.wait_for(1)
+            subscriber.gate.clear()
+            peer.send("20000")
+            await peer.wait_for(lambda state: state.get("published") == 20_001, timeout=30)
+            peer.send("1")
+            await peer.wait_for(lambda state: state.get("published") == 20_002, timeout=30)
+            subscriber.gate.set()
+            await subscriber.wait_for(20_002, timeout=30)
+            peer.send("stop")
+            await peer.finish()
+    finally:
+        peer.close()
+    assert subscriber.stats.recovered > 0, subscriber.stats
+    # one publisher, one topic, items numbered from 0: the position is the count handed over
+    for handed, position in subscriber.checkpoints:
+        assert list(position.values()) == [handed], (handed, position)
+
+
+async def test_resume_from_a_stored_position_gets_the_rest_exactly_once(
+    wirebus_address: str,
+) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=10_000) as publisher:
+        async with Checkpointing(wirebus_address, recover=True) as first:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(0, 1000))
+            await first.wait_for(1000)
+        # the last position "stored" lags what the first one got, as a periodic checkpoint does
+        stored = next(position for handed, position in first.checkpoints if handed >= 300)
+        (due,) = stored.values()
+        assert 300 <= due < 1000
+        await wait_until_async(lambda: publisher.subscriptions == 0, "the first one gone")
+        publisher.publish_many(records(1000, 2000))  # nobody listens meanwhile
+        await publisher.flush(timeout=10)
+        async with CollectingSubscriber(
+            codec, wirebus_address, recover=True, history=5000, resume=stored
+        ) as second:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(2000, 2100))
+            await second.wait_for(2100 - due)
+    assert [r.timestamp_ns for r in second.items] == list(range(due, 2100))
+    stats = second.stats
+    assert (stats.received, stats.dropped) == (2100 - due, 0), stats
+    assert stats.recovered >= 2000 - due, stats  # and what was also sent live came once
+
+
+async def test_resume_catches_up_on_a_topic_whose_last_items_went_by_unheard(
+    wirebus_address: str,
+) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=100) as publisher:
+        async with Checkpointing(wirebus_address, recover=True) as first:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(0, 10))
+            await first.wait_for(10)
+        stored = first.position
+        await wait_until_async(lambda: publisher.subscriptions == 0, "the first one gone")
+        publisher.publish_many(records(10, 20))  # the topic's last items: nobody hears them
+        await publisher.flush(timeout=10)
+        async with CollectingSubscriber(
+            codec, wirebus_address, recover=True, resume=stored
+        ) as second:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish(EventRecord(SessionEventType.ENDED, 99))  # another topic
+            await second.wait_for(11)
+    assert [(r.event_type, r.timestamp_ns) for r in second.items] == [
+        *((SampleEventType.ISSUED, i) for i in range(10, 20)),
+        (SessionEventType.ENDED, 99),
+    ]
+    assert (second.stats.recovered, second.stats.dropped) == (10, 0), (second.stats, stored)
+
+
+async def test_resume_without_recover_counts_the_gap_as_dropped(wirebus_address: str) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=100) as publisher:
+        publisher.publish_many(records(0, 60))  # nobody listens
+        await publisher.flush(timeout=10)
+        resume = {(publisher.publisher_id, SAMPLE): 40}
+        async with CollectingSubscriber(codec, wirebus_address, resume=resume) as subscriber:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(60, 70))
+            await subscriber.wait_for(10)
+    assert [r.timestamp_ns for r in subscriber.items] == list(range(60, 70))
+    assert (subscriber.stats.dropped, subscriber.stats.recovered) == (20, 0)
+
+
+def test_a_resume_that_cannot_be_a_position_is_refused(wirebus_address: str) -> None:
+    codec = EventRecordCodec()
+    for bad in ({(1, b"short"): 0}, {(1, SAMPLE): -1}, {(2**64, SAMPLE): 0}, {(1, SAMPLE): "0"}):
+        with pytest.raises(ValueError, match="resume maps") as caught:
+            ZmqMessageSubscriber(codec, wirebus_address, resume=bad)  # type: ignore[arg-type]
+        assert repr(next(iter(bad.values()))) in str(caught.value)
+    with pytest.raises(TypeError, match=r"resume must be a mapping.*\[1, 2\]"):
+        ZmqMessageSubscriber(codec, wirebus_address, resume=[1, 2])  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ endpoint) and ``_recovery`` (a subscriber fetching what it missed).
 """
 
 from wirebus.transport._base import MessagePublisher, MessageSubscriber
-from wirebus.transport._decoder import SubscriberStats
+from wirebus.transport._decoder import Position, SubscriberStats
 from wirebus.transport._publisher import PublisherStats, ZmqMessagePublisher
 from wirebus.transport._subscriber import ZmqMessageSubscriber
 from wirebus.transport._wire import WIRE_VERSION
@@ -24,6 +24,7 @@ __all__ = [
     "WIRE_VERSION",
     "MessagePublisher",
     "MessageSubscriber",
+    "Position",
     "PublisherStats",
     "SubscriberStats",
     "ZmqMessagePublisher",

@@ -17,7 +17,7 @@ import asyncio
 import collections
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar, cast
 
 import zmq
@@ -31,6 +31,7 @@ from wirebus.transport._socket import OwnedSocket
 
 T = TypeVar("T")
 
+_OPEN_END = 2**64 - 1  # a catch-up asks for everything kept from its start on
 _MAX_DEALERS = 16  # replay endpoints connected at once; one in use is never closed
 _MAX_REPLIES = 4 * 64  # replies queued for one recovery; a peer sending more is ignored
 
@@ -88,6 +89,7 @@ class Recovery(Generic[T]):
         main_address: str | None,
         kick: Callable[[], None],
         owner: str,
+        resume: Mapping[tuple[int, bytes], int],
     ) -> None:
         self._decoder = decoder
         self._stats = stats
@@ -108,6 +110,11 @@ class Recovery(Generic[T]):
         self._fetches: dict[int, _Fetch] = {}  # publisher id -> its recovery
         self._by_request: dict[int, _Fetch] = {}
         self._request_ids = itertools.count(1)
+        # publisher id -> (topic, sequence number) of a resumed position still to catch up on
+        self._catch_up: dict[int, list[tuple[bytes, int]]] = {}
+        if recover:
+            for (publisher, topic), seq in resume.items():
+                self._catch_up.setdefault(publisher, []).append((topic, seq))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -116,6 +123,12 @@ class Recovery(Generic[T]):
     def due(self) -> bool:
         """Replies to deliver, or a recovery to end."""
         return any(fetch.replies or fetch.done for fetch in self._fetches.values())
+
+    def positions(self) -> Iterator[tuple[tuple[int, bytes], int]]:
+        """Per recovery under way: its (publisher, topic) and the next item it has to hand
+        over (what was handed to ``process()`` so far ends just before it)."""
+        for fetch in self._fetches.values():
+            yield (fetch.publisher, fetch.topic), fetch.next
 
     # -- the consumer's side -----------------------------------------------------------------
 
@@ -133,6 +146,8 @@ class Recovery(Generic[T]):
             return True
         if header.replay and self._endpoints.get(publisher) != header.replay:
             self._learn(publisher, header.replay)
+        if publisher in self._catch_up and publisher in self._endpoints:
+            return self._start_catch_up(publisher, frame)
         expected = self._decoder.expected(publisher, header.topic)
         if expected is None:
             if not self._history:
@@ -150,6 +165,24 @@ class Recovery(Generic[T]):
         if expected is None:  # what came before the history asked for is missed, as always
             self._decoder.skip_to(publisher, header.topic, first, dropped=first)
         fetch = _Fetch(publisher, header.topic, endpoint, first, header.first)
+        self._fetches[publisher] = fetch
+        self._hold(fetch, frame)
+        self._request(fetch)
+        return True
+
+    def _start_catch_up(self, publisher: int, frame: bytes) -> bool:
+        """Fetch everything kept after a resumed position of ``publisher`` (on any of its
+        topics: the last items of a topic before a restart show no gap later), holding
+        ``frame``; False when that cannot be done."""
+        pending = self._catch_up[publisher]
+        topic, seq = pending.pop()
+        if not pending:
+            del self._catch_up[publisher]
+        endpoint = self._dealer(publisher)
+        if endpoint is None:
+            self._catch_up.pop(publisher, None)
+            return False
+        fetch = _Fetch(publisher, topic, endpoint, seq, _OPEN_END)
         self._fetches[publisher] = fetch
         self._hold(fetch, frame)
         self._request(fetch)
@@ -211,8 +244,8 @@ class Recovery(Generic[T]):
         self._by_request.pop(fetch.request_id, None)
         if fetch.timer is not None:
             fetch.timer.cancel()
-        missing = fetch.end - fetch.next
-        self._decoder.skip_to(fetch.publisher, fetch.topic, fetch.end, dropped=missing)
+        end = fetch.next if fetch.end == _OPEN_END else fetch.end
+        self._decoder.skip_to(fetch.publisher, fetch.topic, end, dropped=end - fetch.next)
         frames.extendleft(reversed(fetch.held))
 
     def _hold(self, fetch: _Fetch, frame: bytes) -> None:

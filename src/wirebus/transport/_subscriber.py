@@ -15,7 +15,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Coroutine, Generator, Iterable, Iterator
+from collections.abc import Coroutine, Generator, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 import zmq
@@ -24,7 +24,7 @@ from wirebus.codec import MessageCodec, check_codec, make_topic
 from wirebus.security import CurveClient, CurveServer
 from wirebus.transport import _wire
 from wirebus.transport._base import MessageSubscriber, safe_repr
-from wirebus.transport._decoder import Failure, FrameDecoder, SubscriberStats
+from wirebus.transport._decoder import Failure, FrameDecoder, Position, SubscriberStats
 from wirebus.transport._recovery import Recovery
 from wirebus.transport._socket import OwnedSocket
 from wirebus.transport._watch import ConnectionWatch
@@ -59,6 +59,12 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     up, counting what is still missing as dropped, when the publisher has not answered for
     ``recover_timeout`` s or its later messages held back meanwhile pass ``recover_max_bytes``
     (``docs/pubsub.md``). Recovery needs an event loop (not :meth:`receive_blocking`).
+
+    ``resume`` continues where an earlier subscriber stopped: pass the :attr:`position` it had
+    when it last stored its work, and items from there on are due instead of ``history``. With
+    ``recover=True``, on the first message of each publisher in it, everything that publisher
+    still keeps after the position is fetched, topic by topic (a later message shows no gap for
+    items lost at the end of a topic); without, a gap is counted as dropped.
     """
 
     def __init__(
@@ -79,9 +85,12 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         history: int = 0,
         recover_timeout: float = 2.0,
         recover_max_bytes: int = 64 * 1024 * 1024,
+        resume: Mapping[tuple[int, bytes], int] | None = None,
     ) -> None:
         super().__init__(conflate=conflate)
         _check_recovery(recover, history, recover_timeout, recover_max_bytes, conflate)
+        if resume is not None and not isinstance(resume, Mapping):
+            raise TypeError(f"resume must be a mapping (a subscriber's position), got {resume!r}")
         check_codec(codec)
         if isinstance(topics, (str, bytes)):
             raise TypeError(f"topics must be an iterable of topic names, not {topics!r}")
@@ -93,6 +102,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self.codec = codec
         self.stats = SubscriberStats()
         self._decoder = FrameDecoder(codec, self.stats, conflate)
+        if resume:
+            self._decoder.resume(resume)
         self._frames: collections.deque[bytes] = collections.deque()
         self._newest: dict[bytes, bytes] = {}  # conflate: publisher id -> its newest frame
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,10 +151,25 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                 main_address=self.address if connect else None,
                 kick=self._kick,
                 owner=f"subscriber for {self.address}",
+                resume=resume or {},
             )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({safe_repr(self.codec)}, {self.address!r})"
+
+    @property
+    def position(self) -> Position:
+        """Per (publisher id, topic) heard: the sequence number of the next item due.
+
+        Every earlier item of that publisher and topic has been handed to :meth:`process`
+        (or counted as dropped), so read inside or after :meth:`process` it says exactly what
+        the items handed over so far cover. A consumer that stores its work stores this with
+        it, and a later subscriber passes it as ``resume`` to go on from there, exactly once.
+        """
+        position = self._decoder.position()
+        if self._recovery is not None:
+            position.update(self._recovery.positions())
+        return position
 
     async def start(self) -> None:
         if self._closed:
