@@ -172,9 +172,9 @@ class ReplayServer:
         max_bytes: int,
     ) -> ReplayServer:
         """The replay server of the publisher ``publisher_id`` whose socket is ``main`` (bound
-        or connected as ``bind`` says), keeping ``items`` items (``max_bytes``) per topic: at
-        ``address``, or where :func:`_default_address` picks next to ``main``; in ``main``'s
-        context when that is an inproc one; with ``main``'s security settings."""
+        or connected as ``bind`` says), keeping ``items`` items (at most ``max_bytes`` bytes)
+        per topic: at ``address``, or where :func:`_default_address` picks next to ``main``; in
+        ``main``'s context when that is an inproc one; with ``main``'s security settings."""
         inproc = main.address.startswith("inproc://")
         return cls(
             ReplayBuffer(items, max_bytes),
