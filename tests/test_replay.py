@@ -43,6 +43,10 @@ def request(topic: bytes, request_id: int, first: int, end: int) -> bytes:
     return topic + _REQUEST.pack(2, 1, 0, request_id, first, end)
 
 
+def history_request(request_id: int, items: int, cursor: int) -> bytes:
+    return bytes(32) + _REQUEST.pack(2, 5, 0, request_id, items, cursor)
+
+
 def records(start: int, stop: int) -> list[EventRecord]:
     return [EventRecord(SampleEventType.ISSUED, timestamp_ns=i) for i in range(start, stop)]
 
@@ -109,6 +113,66 @@ async def test_replay_serves_the_newest_items_as_the_messages_sent(
         assert len(inside) <= 128
         # another topic: nothing, and the end marker says so
         assert ask(dealer, request(make_topic("other"), 43, 0, 10)) == [(END, 43, _END.pack(0, 0))]
+
+
+def interleaved(n: int) -> list[EventRecord]:
+    """Records on two topics (session and sample events), numbered by timestamp 0..n-1."""
+    return [
+        EventRecord(
+            SessionEventType.START_PERFORMANCE_TRACKING if i % 7 == 0 else SampleEventType.ISSUED,
+            i,
+        )
+        for i in range(n)
+    ]
+
+
+async def test_a_history_request_gets_every_topic_in_the_order_sent(
+    wirebus_address: str, dealer: zmq.Socket[bytes]
+) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=1000) as publisher:
+        for record in interleaved(700):  # one message each: the topics alternate
+            publisher.publish(record)
+            await publisher.flush(timeout=10)
+        dealer.connect(publisher.replay_address)
+        got, cursor, more = [], 0, 1
+        while more:
+            replies = ask(dealer, history_request(7, 50, cursor))
+            assert {request_id for _, request_id, _ in replies} == {7}
+            for kind, _id, body in replies[:-1]:
+                assert kind == ITEMS
+                topic, _publisher, first, payloads = parse_frame(body)
+                got += [(topic, first, codec.decode(payload).timestamp_ns) for payload in payloads]
+            cursor, more = _END.unpack(replies[-1][2])
+        # the newest 50 of each topic, as sent: sample events 600-699 less the session ones
+        stamps = [stamp for _topic, _seq, stamp in got]
+        assert stamps == sorted(stamps)
+        sessions = [stamp for topic, _seq, stamp in got if topic == make_topic("session")]
+        samples = [stamp for topic, _seq, stamp in got if topic == SAMPLE]
+        assert sessions == [i for i in range(700) if i % 7 == 0][-50:]
+        assert samples == [i for i in range(700) if i % 7][-50:]
+        [(kind, request_id, text)] = ask(dealer, history_request(8, 0, 0))
+        assert (kind, request_id) == (ERROR, 0)
+        assert b"history of 0 items" in text
+
+
+async def test_history_delivers_a_publishers_topics_in_the_order_it_sent_them(
+    wirebus_address: str,
+) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=1000) as publisher:
+        sent = interleaved(300)
+        for record in sent:
+            publisher.publish(record)
+            await publisher.flush(timeout=10)
+        async with CollectingSubscriber(codec, wirebus_address, history=1000) as late:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish(EventRecord(SampleEventType.ISSUED, 300))
+            await late.wait_for(301)
+    assert [r.timestamp_ns for r in late.items] == list(range(301))  # not topic by topic
+    stats = late.stats
+    assert (stats.received, stats.recovered, stats.dropped) == (301, 301, 0), stats
+    assert stats.duplicates == 1  # the live message that started it came with the history
 
 
 async def test_bad_huge_and_flood_requests_leave_the_publisher_working(

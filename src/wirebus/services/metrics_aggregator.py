@@ -12,17 +12,11 @@ path) and ``snapshot_address``.
 It subscribes with ``recover=True``: items an hwm drop or a reconnect cost are fetched again
 from the publisher's replay buffer. With ``--history`` (default
 :data:`~wirebus.services.event_publisher.REPLAY_ITEMS`) it also fetches, from each publisher,
-what was published before it joined, so an aggregator started late, or restarted on a fresh
-store, computes the metrics of the whole run while the run still fits in the buffer (what did
-not fit is counted in its subscriber's ``stats.dropped``). Recovered items come topic by topic
-(session, sample, error events): a sample whose failure and other events were both recovered
-can count as ``orphan_events``.
-
-Only samples issued while performance tracking is on (between ``START_PERFORMANCE_TRACKING``
-and ``STOP_PERFORMANCE_TRACKING``, in arrival order) count toward the ``perf_*`` metrics and
-the latency series; warm-up samples count only in the totals. Timings come from the events'
-own timestamps, so chunks that arrive out of order are measured correctly: a sample's metrics
-are computed when it completes, from its sorted chunk times.
+what was published before it joined, in the order sent, so an aggregator started late, or
+restarted on a fresh store, computes the metrics of the whole run while the run still fits in
+the buffer (what did not fit is counted in its subscriber's ``stats.dropped``). A gap recovered
+later comes topic by topic (session, sample, error events): a sample whose failure and other
+events were both recovered can count as ``orphan_events``.
 """
 
 from __future__ import annotations

@@ -167,6 +167,15 @@ class FrameDecoder(Generic[T]):
         table[key] = seq
         self._stats.dropped += dropped
 
+    def decode_history(self, frame: bytes, items: list[T], failures: list[Failure]) -> None:
+        """:meth:`decode` a message of a publisher's history, counting its items as recovered
+        (and not as a message of the subscriber's socket)."""
+        stats = self._stats
+        before = stats.received
+        self.decode(frame, items, failures)
+        stats.messages -= 1
+        stats.recovered += stats.received - before
+
     def decode_replayed(
         self,
         frame: bytes,

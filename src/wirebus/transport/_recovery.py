@@ -1,12 +1,13 @@
 """A subscriber's recovery: missed items fetched again from their publisher's replay endpoint.
 
 Each message of a publisher with replay on names its replay endpoint (``docs/wire-format.md``);
-:class:`Recovery` remembers it per publisher id. When a message shows a gap (``recover``), or
-is the first heard from a publisher on a topic (``history``), the subscriber's consumer hands
-it here instead of to the decoder: a DEALER asks the publisher for the missing range, a chunk
-at a time, while that publisher's later messages are held back; the replies reach
-``process()`` first, then the held messages, in the publisher's order. Other publishers'
-messages are not held. A recovery gives up when the publisher has not answered for
+:class:`Recovery` remembers it per publisher id. When a message shows a gap (``recover``), is
+the first heard from a publisher (``history``: every topic, in the order sent), or comes from a
+publisher of a resumed position (everything kept after it, topic by topic), the subscriber's
+consumer hands it here instead of to the decoder: a DEALER asks the publisher for what is
+missing, a chunk at a time, while that publisher's later messages are held back; the replies
+reach ``process()`` first, then the held messages (what they repeat is skipped). Other
+publishers' messages are not held. A recovery gives up when the publisher has not answered for
 ``timeout`` seconds or the held messages pass ``max_held_bytes``: what is still missing is
 counted as dropped, and the held messages go on.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +39,9 @@ _MAX_REPLIES = 4 * 64  # replies queued for one recovery; a peer sending more is
 
 
 class _Fetch:
-    """One publisher's recovery: items ``next`` up to ``end`` of ``topic`` still wanted."""
+    """One publisher's recovery: items ``next`` up to ``end`` of ``topic`` still wanted; or,
+    with ``history``, that many items of each of its topics, in the order sent, from the
+    message after cursor ``next`` on."""
 
     __slots__ = (
         "asked_from",
@@ -46,6 +50,7 @@ class _Fetch:
         "endpoint",
         "held",
         "held_bytes",
+        "history",
         "next",
         "progress_at",
         "publisher",
@@ -55,7 +60,10 @@ class _Fetch:
         "topic",
     )
 
-    def __init__(self, publisher: int, topic: bytes, endpoint: str, first: int, end: int) -> None:
+    def __init__(
+        self, publisher: int, topic: bytes, endpoint: str, first: int, end: int, history: int = 0
+    ) -> None:
+        self.history = history
         self.publisher = publisher
         self.topic = topic
         self.endpoint = endpoint
@@ -69,6 +77,16 @@ class _Fetch:
         self.done = False
         self.progress_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
+
+    def request(self) -> bytes:
+        """The request for what is still wanted."""
+        if self.history:
+            return _wire.pack_history_request(self.request_id, self.history, self.next)
+        return _wire.pack_request(self.topic, self.request_id, self.next, self.end)
+
+    def __str__(self) -> str:
+        what = "its history" if self.history else f"items {self.next}..{self.end - 1}"
+        return f"{what} of publisher {self.publisher:#x} from {self.endpoint}"
 
 
 class Recovery(Generic[T]):
@@ -97,16 +115,11 @@ class Recovery(Generic[T]):
         self._history = history
         self._timeout = timeout
         self._max_held_bytes = max_held_bytes
-        self._context = context
-        self._curve = curve if isinstance(curve, CurveClient) else None
-        self._no_keys = isinstance(curve, CurveServer)
-        self._main_host = _tcp_host(main_address) if main_address else None
         self._kick = kick
         self._owner = owner
         self._log = RateLimitedLog()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._endpoints: dict[int, bytes] = {}  # publisher id -> its replay endpoint
-        self._dealers: dict[str, OwnedSocket] = {}
+        self._dealers = _Dealers(context, curve, main_address, self._on_replies, owner, self._log)
         self._fetches: dict[int, _Fetch] = {}  # publisher id -> its recovery
         self._by_request: dict[int, _Fetch] = {}
         self._request_ids = itertools.count(1)
@@ -115,9 +128,11 @@ class Recovery(Generic[T]):
         if recover:
             for (publisher, topic), seq in resume.items():
                 self._catch_up.setdefault(publisher, []).append((topic, seq))
+        self._heard: dict[int, None] = dict.fromkeys(self._catch_up)  # history asked, or resumed
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._dealers.loop = loop
 
     @property
     def due(self) -> bool:
@@ -128,7 +143,8 @@ class Recovery(Generic[T]):
         """Per recovery under way: its (publisher, topic) and the next item it has to hand
         over (what was handed to ``process()`` so far ends just before it)."""
         for fetch in self._fetches.values():
-            yield (fetch.publisher, fetch.topic), fetch.next
+            if not fetch.history:  # a history goes through the decoder's own table
+                yield (fetch.publisher, fetch.topic), fetch.next
 
     # -- the consumer's side -----------------------------------------------------------------
 
@@ -144,12 +160,23 @@ class Recovery(Generic[T]):
         if fetch is not None:
             self._hold(fetch, frame)
             return True
-        if header.replay and self._endpoints.get(publisher) != header.replay:
-            self._learn(publisher, header.replay)
-        if publisher in self._catch_up and publisher in self._endpoints:
-            return self._start_catch_up(publisher, frame)
+        if header.replay:
+            self._dealers.learn(publisher, header.replay)
+        if not self._dealers.knows(publisher):
+            return False
+        if publisher in self._catch_up:  # resumed: everything kept after the position
+            pending = self._catch_up[publisher]
+            topic, seq = pending.pop()
+            if not pending:
+                del self._catch_up[publisher]
+            return self._start(publisher, frame, topic, seq, _OPEN_END)
         expected = self._decoder.expected(publisher, header.topic)
-        if expected is None:
+        if expected is None and self._history and publisher not in self._heard:
+            if len(self._heard) >= MAX_TRACKED:
+                del self._heard[next(iter(self._heard))]
+            self._heard[publisher] = None
+            return self._start(publisher, frame, b"", 0, _OPEN_END, history=self._history)
+        if expected is None:  # a new topic of a publisher heard before
             if not self._history:
                 return False
             first = max(0, header.first - self._history)
@@ -157,32 +184,24 @@ class Recovery(Generic[T]):
             first = expected
         else:
             return False
-        if not 0 < header.first - first <= MAX_GAP or publisher not in self._endpoints:
+        if not 0 < header.first - first <= MAX_GAP:
             return False
-        endpoint = self._dealer(publisher)
-        if endpoint is None:
-            return False
-        if expected is None:  # what came before the history asked for is missed, as always
+        started = self._start(publisher, frame, header.topic, first, header.first)
+        if started and expected is None:  # what came before the history is missed, as always
             self._decoder.skip_to(publisher, header.topic, first, dropped=first)
-        fetch = _Fetch(publisher, header.topic, endpoint, first, header.first)
-        self._fetches[publisher] = fetch
-        self._hold(fetch, frame)
-        self._request(fetch)
-        return True
+        return started
 
-    def _start_catch_up(self, publisher: int, frame: bytes) -> bool:
-        """Fetch everything kept after a resumed position of ``publisher`` (on any of its
-        topics: the last items of a topic before a restart show no gap later), holding
-        ``frame``; False when that cannot be done."""
-        pending = self._catch_up[publisher]
-        topic, seq = pending.pop()
-        if not pending:
-            del self._catch_up[publisher]
-        endpoint = self._dealer(publisher)
+    def _start(
+        self, publisher: int, frame: bytes, topic: bytes, first: int, end: int, history: int = 0
+    ) -> bool:
+        """Start a recovery of ``publisher`` (see :class:`_Fetch`), holding ``frame``; False
+        when its replay endpoint cannot be reached (nor will be: no catch-up is left)."""
+        in_use = {fetch.endpoint for fetch in self._fetches.values()}
+        endpoint = self._dealers.connect(publisher, in_use)
         if endpoint is None:
             self._catch_up.pop(publisher, None)
             return False
-        fetch = _Fetch(publisher, topic, endpoint, seq, _OPEN_END)
+        fetch = _Fetch(publisher, topic, endpoint, first, end, history)
         self._fetches[publisher] = fetch
         self._hold(fetch, frame)
         self._request(fetch)
@@ -209,6 +228,9 @@ class Recovery(Generic[T]):
     def _replayed(
         self, fetch: _Fetch, frame: bytes, items: list[T], failures: list[Failure]
     ) -> None:
+        if fetch.history:
+            self._historic(fetch, frame, items, failures)
+            return
         try:
             header = _wire.unpack(frame)
             if header.publisher != fetch.publisher or header.topic != fetch.topic:
@@ -228,13 +250,31 @@ class Recovery(Generic[T]):
             return
         fetch.next = min(header.first + header.items, fetch.end)
 
+    def _historic(
+        self, fetch: _Fetch, frame: bytes, items: list[T], failures: list[Failure]
+    ) -> None:
+        with contextlib.suppress(_wire.MalformedFrame):  # else the decoder counts and reports it
+            publisher = _wire.unpack(frame).publisher
+            if publisher != fetch.publisher:
+                self._stats.malformed += 1
+                why = f"history of publisher {publisher:#x}, asked of {fetch.publisher:#x}"
+                failures.append((ValueError(why), frame))
+                return
+        self._decoder.decode_history(frame, items, failures)
+
     def _ended(self, fetch: _Fetch, body: bytes) -> None:
         try:
-            _after, more = _wire.unpack_end(body)
+            after, more = _wire.unpack_end(body)
         except _wire.MalformedFrame as exc:
             self._give_up(fetch, str(exc))
             return
-        if more and fetch.asked_from < fetch.next < fetch.end:
+        if fetch.history:
+            if more and after > fetch.next:
+                fetch.next = after
+                self._request(fetch)
+            else:
+                fetch.done = True
+        elif more and fetch.asked_from < fetch.next < fetch.end:
             self._request(fetch)
         else:
             fetch.done = True
@@ -244,8 +284,9 @@ class Recovery(Generic[T]):
         self._by_request.pop(fetch.request_id, None)
         if fetch.timer is not None:
             fetch.timer.cancel()
-        end = fetch.next if fetch.end == _OPEN_END else fetch.end
-        self._decoder.skip_to(fetch.publisher, fetch.topic, end, dropped=end - fetch.next)
+        if not fetch.history:
+            end = fetch.next if fetch.end == _OPEN_END else fetch.end
+            self._decoder.skip_to(fetch.publisher, fetch.topic, end, dropped=end - fetch.next)
         frames.extendleft(reversed(fetch.held))
 
     def _hold(self, fetch: _Fetch, frame: bytes) -> None:
@@ -256,23 +297,101 @@ class Recovery(Generic[T]):
 
     def _give_up(self, fetch: _Fetch, why: str) -> None:
         fetch.done = True
-        self._log(
-            logging.WARNING,
-            f"{self._owner}: recovering items {fetch.next}..{fetch.end - 1} of publisher "
-            f"{fetch.publisher:#x} from {fetch.endpoint}: {why}; counted as dropped",
-        )
+        self._log(logging.WARNING, f"{self._owner}: recovering {fetch}: {why}; counted as dropped")
 
     # -- requests and replies ----------------------------------------------------------------
 
-    def _learn(self, publisher: int, endpoint: bytes) -> None:
+    def _request(self, fetch: _Fetch) -> None:
+        assert self._loop is not None
+        self._by_request.pop(fetch.request_id, None)
+        fetch.request_id = next(self._request_ids) & 0xFFFFFFFF
+        fetch.asked_from = fetch.next
+        self._by_request[fetch.request_id] = fetch
+        fetch.progress_at = self._loop.time()
+        try:
+            self._dealers.send(fetch.endpoint, fetch.request())
+        except zmq.ZMQError as exc:
+            self._give_up(fetch, f"the request was not sent ({safe_repr(exc)})")
+            return
+        if fetch.timer is None:
+            fetch.timer = self._loop.call_later(self._timeout, self._check_deadline, fetch)
+
+    def _check_deadline(self, fetch: _Fetch) -> None:
+        assert self._loop is not None
+        fetch.timer = None
+        if self._fetches.get(fetch.publisher) is not fetch or fetch.done:
+            return
+        left = fetch.progress_at + self._timeout - self._loop.time()
+        if left > 0:
+            fetch.timer = self._loop.call_later(left, self._check_deadline, fetch)
+            return
+        self._give_up(fetch, f"no answer for {self._timeout} s")
+        self._kick()
+
+    def _on_replies(self, replies: list[tuple[int, int, bytes]]) -> None:
+        """Queue replies ``(kind, request id, body)`` to their recoveries; wake the consumer."""
+        assert self._loop is not None
+        now, woke = self._loop.time(), False
+        for kind, request_id, body in replies:
+            fetch = self._by_request.get(request_id)
+            if fetch is None or fetch.request_id != request_id or len(fetch.replies) > _MAX_REPLIES:
+                continue  # a late answer to a request given up on, or a peer sending too much
+            fetch.replies.append((kind, body))
+            fetch.progress_at = now
+            woke = True
+        if woke:
+            self._kick()
+
+    def close(self) -> None:
+        for fetch in self._fetches.values():
+            if fetch.timer is not None:
+                fetch.timer.cancel()
+        self._fetches.clear()
+        self._by_request.clear()
+        self._dealers.close()
+
+
+class _Dealers:
+    """The replay endpoints of the publishers a subscriber hears, and a DEALER connected to each
+    one it asks (at most :data:`_MAX_DEALERS`); replies go to ``on_replies`` in batches."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        curve: CurveServer | CurveClient | None,
+        main_address: str | None,
+        on_replies: Callable[[list[tuple[int, int, bytes]]], None],
+        owner: str,
+        log: RateLimitedLog,
+    ) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._context = context
+        self._curve = curve if isinstance(curve, CurveClient) else None
+        self._no_keys = isinstance(curve, CurveServer)
+        self._main_host = _tcp_host(main_address) if main_address else None
+        self._on_replies = on_replies
+        self._owner = owner
+        self._log = log
+        self._endpoints: dict[int, bytes] = {}  # publisher id -> its replay endpoint
+        self._dealers: dict[str, OwnedSocket] = {}
+
+    def knows(self, publisher: int) -> bool:
+        return publisher in self._endpoints
+
+    def learn(self, publisher: int, endpoint: bytes) -> None:
+        """Note the replay endpoint ``publisher`` announced (a bounded table, least recently
+        announced out first)."""
         table = self._endpoints
+        if table.get(publisher) == endpoint:
+            return
         table.pop(publisher, None)
         if len(table) >= MAX_TRACKED:
             del table[next(iter(table))]
         table[publisher] = endpoint
 
-    def _dealer(self, publisher: int) -> str | None:
-        """The connected replay endpoint of ``publisher``, or ``None`` if it cannot be."""
+    def connect(self, publisher: int, in_use: set[str]) -> str | None:
+        """The connected replay endpoint of ``publisher``, or ``None`` if it cannot be (a
+        dealer not ``in_use`` is closed to make room)."""
         endpoint = _reachable(self._endpoints[publisher].decode(errors="replace"), self._main_host)
         if endpoint in self._dealers:
             return endpoint
@@ -284,11 +403,10 @@ class Recovery(Generic[T]):
             )
             return None
         if len(self._dealers) >= _MAX_DEALERS:
-            in_use = {fetch.endpoint for fetch in self._fetches.values()}
             idle = [name for name in self._dealers if name not in in_use]
             if not idle:
                 return None
-            self._close_dealer(idle[0])
+            self._close(idle[0])
         try:
             owned = OwnedSocket(
                 zmq.DEALER,
@@ -306,53 +424,23 @@ class Recovery(Generic[T]):
             self._log(logging.WARNING, f"{self._owner}: replay endpoint: {safe_repr(exc)}")
             return None
         self._dealers[endpoint] = owned
-        assert self._loop is not None
+        assert self.loop is not None
         fd = cast(int, owned.socket.getsockopt(zmq.FD))
-        self._loop.add_reader(fd, self._on_replies, endpoint)
+        self.loop.add_reader(fd, self._read, endpoint)
         return endpoint
 
-    def _close_dealer(self, endpoint: str) -> None:
-        owned = self._dealers.pop(endpoint)
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(cast(int, owned.socket.getsockopt(zmq.FD)))
-        owned.close(linger=0)
+    def send(self, endpoint: str, request: bytes) -> None:
+        """Send ``request`` to ``endpoint`` (connected); ``zmq.ZMQError`` if it cannot go."""
+        self._dealers[endpoint].socket.send(request, zmq.NOBLOCK)
+        assert self.loop is not None
+        self.loop.call_soon(self._read, endpoint)  # sending may take the FD's edge
 
-    def _request(self, fetch: _Fetch) -> None:
-        assert self._loop is not None
-        self._by_request.pop(fetch.request_id, None)
-        fetch.request_id = next(self._request_ids) & 0xFFFFFFFF
-        fetch.asked_from = fetch.next
-        self._by_request[fetch.request_id] = fetch
-        fetch.progress_at = self._loop.time()
-        request = _wire.pack_request(fetch.topic, fetch.request_id, fetch.next, fetch.end)
-        try:
-            self._dealers[fetch.endpoint].socket.send(request, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            self._give_up(fetch, f"the request was not sent ({safe_repr(exc)})")
-            return
-        self._loop.call_soon(self._on_replies, fetch.endpoint)  # sending may take the edge
-        if fetch.timer is None:
-            fetch.timer = self._loop.call_later(self._timeout, self._check_deadline, fetch)
-
-    def _check_deadline(self, fetch: _Fetch) -> None:
-        assert self._loop is not None
-        fetch.timer = None
-        if self._fetches.get(fetch.publisher) is not fetch or fetch.done:
-            return
-        left = fetch.progress_at + self._timeout - self._loop.time()
-        if left > 0:
-            fetch.timer = self._loop.call_later(left, self._check_deadline, fetch)
-            return
-        self._give_up(fetch, f"no answer for {self._timeout} s")
-        self._kick()
-
-    def _on_replies(self, endpoint: str) -> None:
-        """Drain a DEALER's edge-triggered FD to EAGAIN; queue the replies to recoveries."""
+    def _read(self, endpoint: str) -> None:
+        """Drain a DEALER's edge-triggered FD to EAGAIN; hand the well-formed replies on."""
         owned = self._dealers.get(endpoint)
         if owned is None:
             return
-        assert self._loop is not None
-        now, woke = self._loop.time(), False
+        replies = []
         while True:
             try:
                 parts = owned.socket.recv_multipart(zmq.NOBLOCK)
@@ -365,23 +453,19 @@ class Recovery(Generic[T]):
             except _wire.MalformedFrame as exc:
                 self._log(logging.WARNING, f"{self._owner}: from {endpoint}: {exc}")
                 continue
-            fetch = self._by_request.get(request_id)
-            if fetch is None or fetch.request_id != request_id or len(fetch.replies) > _MAX_REPLIES:
-                continue  # a late answer to a request given up on, or a peer sending too much
-            fetch.replies.append((kind, parts[1]))
-            fetch.progress_at = now
-            woke = True
-        if woke:
-            self._kick()
+            replies.append((kind, request_id, parts[1]))
+        if replies:
+            self._on_replies(replies)
+
+    def _close(self, endpoint: str) -> None:
+        owned = self._dealers.pop(endpoint)
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(cast(int, owned.socket.getsockopt(zmq.FD)))
+        owned.close(linger=0)
 
     def close(self) -> None:
-        for fetch in self._fetches.values():
-            if fetch.timer is not None:
-                fetch.timer.cancel()
-        self._fetches.clear()
-        self._by_request.clear()
         for endpoint in list(self._dealers):
-            self._close_dealer(endpoint)
+            self._close(endpoint)
 
 
 def _tcp_host(address: str) -> str | None:

@@ -55,10 +55,11 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
 
     ``recover=True`` fills a gap from a publisher with replay on from its replay buffer before
     that publisher's later items reach :meth:`process`; ``history=N`` fetches, on the first
-    message of a publisher (and topic), the ``N`` items published before it. A recovery gives
-    up, counting what is still missing as dropped, when the publisher has not answered for
-    ``recover_timeout`` s or its later messages held back meanwhile pass ``recover_max_bytes``
-    (``docs/pubsub.md``). Recovery needs an event loop (not :meth:`receive_blocking`).
+    message of a publisher, the newest ``N`` items of each of its topics, in the order sent. A
+    recovery gives up, counting what is still missing as dropped, when the publisher has not
+    answered for ``recover_timeout`` s or its later messages held back meanwhile pass
+    ``recover_max_bytes`` (``docs/pubsub.md``). Recovery needs an event loop (not
+    :meth:`receive_blocking`).
 
     ``resume`` continues where an earlier subscriber stopped: pass the :attr:`position` it had
     when it last stored its work, and items from there on are due instead of ``history``. With

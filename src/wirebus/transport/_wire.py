@@ -144,6 +144,7 @@ KIND_REQUEST = 1
 KIND_ITEMS = 2
 KIND_END = 3
 KIND_ERROR = 4
+KIND_HISTORY = 5
 
 # topic | version u8, kind u8, reserved u16, request id u32, first u64, end u64
 _REQUEST = struct.Struct("<BBHIQQ")
@@ -154,16 +155,25 @@ _END = struct.Struct("<QB")
 
 
 class Request(NamedTuple):
-    """A request for the items of ``topic`` numbered ``first`` up to (not including) ``end``."""
+    """``KIND_REQUEST``: the items of ``topic`` numbered ``first`` up to (not including)
+    ``end``. ``KIND_HISTORY``: the newest ``first`` items of every topic, in the order sent,
+    from the messages after cursor ``end`` on (``0``: from the start of the history)."""
 
     topic: bytes
     request_id: int
     first: int
     end: int
+    kind: int = KIND_REQUEST
 
 
 def pack_request(topic: bytes, request_id: int, first: int, end: int) -> bytes:
     return topic + _REQUEST.pack(WIRE_VERSION, KIND_REQUEST, 0, request_id, first, end)
+
+
+def pack_history_request(request_id: int, items: int, cursor: int) -> bytes:
+    return bytes(TOPIC_FRAME_SIZE) + _REQUEST.pack(
+        WIRE_VERSION, KIND_HISTORY, 0, request_id, items, cursor
+    )
 
 
 def unpack_request(data: bytes) -> Request:
@@ -171,11 +181,13 @@ def unpack_request(data: bytes) -> Request:
     if len(data) != REQUEST_SIZE:
         raise MalformedFrame(f"a request of {len(data)} bytes, expected {REQUEST_SIZE}")
     version, kind, _reserved, request_id, first, end = _REQUEST.unpack_from(data, TOPIC_FRAME_SIZE)
-    if version != WIRE_VERSION or kind != KIND_REQUEST:
+    if version != WIRE_VERSION or kind not in (KIND_REQUEST, KIND_HISTORY):
         raise MalformedFrame(f"a request of version {version} kind {kind}")
-    if end <= first:
+    if kind == KIND_HISTORY and first == 0:
+        raise MalformedFrame("a history of 0 items")
+    if kind == KIND_REQUEST and end <= first:
         raise MalformedFrame(f"an empty range {first}..{end}")
-    return Request(data[:TOPIC_FRAME_SIZE], request_id, first, end)
+    return Request(data[:TOPIC_FRAME_SIZE], request_id, first, end, kind)
 
 
 def reply_header(kind: int, request_id: int) -> bytes:

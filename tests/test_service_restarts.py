@@ -1,5 +1,7 @@
-"""The event logger killed and started again (issue 12): its checkpoint, cut back with
-``restore()``, and a real logger process SIGKILLed mid-stream that still logs every record once."""
+"""Reference services killed and started again (issue 12): the event logger's checkpoint, cut
+back with ``restore()``; a real logger process SIGKILLed mid-stream that still logs every record
+once; a real aggregator SIGKILLed and restarted on a fresh store that rebuilds the same metrics
+from the publisher's history."""
 
 from __future__ import annotations
 
@@ -12,7 +14,18 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from wirebus import EventRecord, SampleEventType, ServiceLauncher, ServiceSpec, make_topic
+from _support import wait_until_async
+from wirebus import (
+    EventRecord,
+    SampleEventType,
+    ServiceLauncher,
+    ServiceSpec,
+    SessionEventType,
+    TextModelOutput,
+    ZmqMessagePublisher,
+    make_topic,
+)
+from wirebus.kvstore import BasicKVStore, KVStoreReader
 from wirebus.record import EventRecordCodec
 from wirebus.services.event_logger import (
     JsonLinesWriter,
@@ -21,6 +34,7 @@ from wirebus.services.event_logger import (
     restore,
 )
 from wirebus.services.event_publisher import EventPublisherService
+from wirebus.services.metrics_aggregator import MetricsAggregator, wait_for_events
 from wirebus.transport import Position
 
 TOPIC = make_topic("sample")
@@ -146,11 +160,75 @@ async def test_a_logger_killed_mid_stream_and_restarted_logs_every_record_once(
             await streaming
             events.issued("last", timestamp_ns=events.published)
             await events.flush(timeout=10)
-            await _wait_for_lines(log, events.published)
-            assert await second.stop() == {"restarted": 0}
+            assert await second.stop() == {"restarted": 0}  # it reads what is on its way first
         service_log = Path(second.log_path("restarted"))
     stderr = await asyncio.to_thread(service_log.read_text)
     records = logged(log)
     assert [r.timestamp_ns for r in records] == list(range(events.published)), stderr
     assert "0 missed" in stderr
     assert " 0 recovered" not in stderr  # what the killed logger had not stored came back
+
+
+def _session(samples: int) -> list[EventRecord]:
+    """A session of ``samples`` tracked samples: every event type, on all three topics."""
+    records = [
+        EventRecord(SessionEventType.STARTED, 0),
+        EventRecord(SessionEventType.START_PERFORMANCE_TRACKING, 1),
+    ]
+    for i in range(samples):
+        at = 10 + 10 * i
+        records += [
+            EventRecord(SampleEventType.ISSUED, at, f"s{i}"),
+            EventRecord(SampleEventType.FIRST_CHUNK, at + 3, f"s{i}"),
+            EventRecord(SampleEventType.COMPLETE, at + 9, f"s{i}", TextModelOutput(n_tokens=5)),
+        ]
+    end = 10 + 10 * samples
+    return [
+        *records,
+        EventRecord(SessionEventType.STOP_PERFORMANCE_TRACKING, end),
+        EventRecord(SessionEventType.ENDED, end + 1),
+    ]
+
+
+def _aggregator(address: str, store: Path, name: str) -> ServiceSpec:
+    # its snapshot socket next to the store: a SIGKILLed process removes nothing it made
+    return ServiceSpec(
+        name,
+        [sys.executable, "-m", "wirebus.services.metrics_aggregator",
+         "--address", address, "--store", str(store),
+         "--snapshot-address", f"ipc://{store}.snapshots"],
+    )  # fmt: skip
+
+
+async def test_an_aggregator_killed_and_restarted_on_a_fresh_store_rebuilds_the_same_metrics(
+    tmp_path: Path, wirebus_address: str
+) -> None:
+    session = _session(300)
+    with BasicKVStore(tmp_path / "reference") as reference:
+        MetricsAggregator(reference).handle(session)
+        with KVStoreReader(reference.path) as reader:
+            expected = reader.snapshot()
+    with ZmqMessagePublisher(EventRecordCodec(), wirebus_address, replay=10_000) as publisher:
+        async with ServiceLauncher(ready_timeout=30) as first:
+            await first.start([_aggregator(wirebus_address, tmp_path / "first", "first")])
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(session[:500])
+            await publisher.flush(timeout=10)
+            with KVStoreReader(tmp_path / "first") as reader:
+                await wait_for_events(reader, 500)
+            os.kill(first.pids["first"], signal.SIGKILL)
+            assert await first.stop() == {"first": -signal.SIGKILL}
+        await wait_until_async(lambda: publisher.subscriptions == 0, "the first one gone")
+        publisher.publish_many(session[500:800])  # while no aggregator runs
+        await publisher.flush(timeout=10)
+        async with ServiceLauncher(ready_timeout=30) as second:
+            await second.start([_aggregator(wirebus_address, tmp_path / "second", "second")])
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(session[800:])
+            await publisher.flush(timeout=10)
+            with KVStoreReader(tmp_path / "second") as reader:
+                await wait_for_events(reader, len(session))
+                rebuilt = reader.snapshot()
+            assert await second.stop() == {"second": 0}
+    assert rebuilt == expected
+    assert rebuilt["perf_samples_completed"] == 300
