@@ -41,14 +41,16 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def _demo_leftovers() -> list[str]:
-    """wirebus services still running, and demo stores still in the runtime dir."""
-    left = [e for e in os.listdir(_paths.shm_dir()) if e.startswith("wirebus-demo-")]
+    """wirebus services of this test run still running (other runs on the machine are not
+    ours to count), and demo stores still in the runtime dir."""
+    runtime = _paths.shm_dir()
+    left = [e for e in os.listdir(runtime) if e.startswith("wirebus-demo-")]
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"wirebus.services." in cmdline:
+        if b"wirebus.services." in cmdline and os.fsencode(runtime) in cmdline:
             left.append(f"process {pid}: {cmdline!r}")
     return left
 
@@ -79,7 +81,8 @@ def test_demo_with_the_logger_killed_and_restarted_still_loses_nothing(tmp_path:
     result = run(
         "demo", "--samples", "300", "--rate", "300", "--out", str(tmp_path), "--restart-logger"
     )
-    assert result.returncode == 0, result.stderr
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert result.returncode == 0, result.stdout[-300:] + result.stderr + logs
     assert result.stdout.rstrip().splitlines()[-2].endswith(": 0 lost")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["exit_codes"] == {

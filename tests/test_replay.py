@@ -43,8 +43,27 @@ def request(topic: bytes, request_id: int, first: int, end: int) -> bytes:
     return topic + _REQUEST.pack(2, 1, 0, request_id, first, end)
 
 
-def history_request(request_id: int, items: int, cursor: int) -> bytes:
-    return bytes(32) + _REQUEST.pack(2, 5, 0, request_id, items, cursor)
+def since_request(
+    request_id: int, items: int, cursor: int, starts: dict[bytes, int] | None = None
+) -> bytes:
+    entries = b"".join(struct.pack("<32sQ", t, seq) for t, seq in (starts or {}).items())
+    return bytes(32) + _REQUEST.pack(2, 5, 0, request_id, items, cursor) + entries
+
+
+def since(dealer: zmq.Socket[bytes], items: int, starts: dict[bytes, int] | None = None) -> list:
+    """Ask with since requests until the end marker says there is no more; the items got, as
+    (topic, timestamp)."""
+    codec = EventRecordCodec()
+    got, cursor, more = [], 0, 1
+    while more:
+        replies = ask(dealer, since_request(7, items, cursor, starts))
+        assert {request_id for _, request_id, _ in replies} == {7}
+        for kind, _id, body in replies[:-1]:
+            assert kind == ITEMS
+            topic, _publisher, _first, payloads = parse_frame(body)
+            got += [(topic, codec.decode(payload).timestamp_ns) for payload in payloads]
+        cursor, more = _END.unpack(replies[-1][2])
+    return got
 
 
 def records(start: int, stop: int) -> list[EventRecord]:
@@ -126,34 +145,32 @@ def interleaved(n: int) -> list[EventRecord]:
     ]
 
 
-async def test_a_history_request_gets_every_topic_in_the_order_sent(
+async def test_a_since_request_gets_every_topic_in_the_order_sent(
     wirebus_address: str, dealer: zmq.Socket[bytes]
 ) -> None:
     codec = EventRecordCodec()
+    session = make_topic("session")
     with ZmqMessagePublisher(codec, wirebus_address, replay=1000) as publisher:
         for record in interleaved(700):  # one message each: the topics alternate
             publisher.publish(record)
             await publisher.flush(timeout=10)
         dealer.connect(publisher.replay_address)
-        got, cursor, more = [], 0, 1
-        while more:
-            replies = ask(dealer, history_request(7, 50, cursor))
-            assert {request_id for _, request_id, _ in replies} == {7}
-            for kind, _id, body in replies[:-1]:
-                assert kind == ITEMS
-                topic, _publisher, first, payloads = parse_frame(body)
-                got += [(topic, first, codec.decode(payload).timestamp_ns) for payload in payloads]
-            cursor, more = _END.unpack(replies[-1][2])
-        # the newest 50 of each topic, as sent: sample events 600-699 less the session ones
-        stamps = [stamp for _topic, _seq, stamp in got]
+        # a history: the newest 50 of each topic, in the order sent
+        got = since(dealer, 50)
+        samples = [i for i in range(700) if i % 7]
+        stamps = [stamp for _topic, stamp in got]
         assert stamps == sorted(stamps)
-        sessions = [stamp for topic, _seq, stamp in got if topic == make_topic("session")]
-        samples = [stamp for topic, _seq, stamp in got if topic == SAMPLE]
-        assert sessions == [i for i in range(700) if i % 7 == 0][-50:]
-        assert samples == [i for i in range(700) if i % 7][-50:]
-        [(kind, request_id, text)] = ask(dealer, history_request(8, 0, 0))
-        assert (kind, request_id) == (ERROR, 0)
-        assert b"history of 0 items" in text
+        assert [t for topic, t in got if topic == session] == list(range(0, 700, 7))[-50:]
+        assert [t for topic, t in got if topic == SAMPLE] == samples[-50:]
+        # from given positions: the session topic from its item 90, the sample topic from 500
+        got = since(dealer, 0, {session: 90, SAMPLE: 500})
+        expected = sorted([*range(630, 700, 7), *samples[500:]])
+        assert [t for _topic, t in got] == expected
+        # what cannot be a since request
+        for bad in (since_request(8, 0, 0), since_request(8, 1, 0) + b"x" * 39):
+            [(kind, request_id, text)] = ask(dealer, bad)
+            assert (kind, request_id) == (ERROR, 0)
+            assert b"since request" in text
 
 
 async def test_history_delivers_a_publishers_topics_in_the_order_it_sent_them(
@@ -303,6 +320,30 @@ async def test_a_stalled_subscriber_gets_back_every_item_a_small_sndhwm_dropped(
     stats = subscriber.stats
     assert stats.recovered > 0, stats  # the hwm did drop items: they came back through replay
     assert (stats.received, stats.dropped) == (20_002, 0), stats
+
+
+async def test_what_an_hwm_dropped_on_several_topics_comes_back_in_the_order_sent(
+    wirebus_address: str,
+) -> None:
+    sent = interleaved(12_000)  # session and sample events, one message each
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(
+        codec, wirebus_address, replay=100_000, sndhwm=10, max_batch_bytes=1
+    ) as publisher:
+        async with Gated(wirebus_address, rcvhwm=10, recover=True) as subscriber:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish(sent[0])
+            await subscriber.wait_for(1)
+            subscriber.gate.clear()  # stalled: the reader's buffer and both hwms fill, then drop
+            publisher.publish_many(sent[1:-2])
+            await publisher.flush(timeout=20)
+            subscriber.gate.set()
+            publisher.publish_many(sent[-2:])
+            await subscriber.wait_for(len(sent), timeout=30)
+    assert [r.timestamp_ns for r in subscriber.items] == list(range(len(sent)))
+    stats = subscriber.stats
+    assert stats.recovered > 0, stats  # the hwm did drop, on both topics
+    assert (stats.received, stats.dropped) == (len(sent), 0), stats
 
 
 async def test_a_publisher_killed_during_recovery_costs_its_gap_and_holds_up_nobody(

@@ -151,9 +151,10 @@ async def run_demo(
             viewer = asyncio.ensure_future(_follow(snapshots, view))
             try:
                 midway = asyncio.Event()
-                restart = asyncio.ensure_future(_restart_at(midway, logger, config))
+                restart = asyncio.ensure_future(_restart_at(midway, logger, events, config))
                 await _simulate(events, config, midway)
-                await restart
+                await restart  # a restarted logger catches up when it next hears the publisher
+                events.session_ended()
                 await events.flush(timeout=10)
                 with KVStoreReader(store_path) as reader:
                     with contextlib.suppress(TimeoutError):  # the check below tells the loss
@@ -204,10 +205,13 @@ class _Logger:
         return dict(self._codes)
 
 
-async def _restart_at(midway: asyncio.Event, logger: _Logger, config: DemoConfig) -> None:
+async def _restart_at(
+    midway: asyncio.Event, logger: _Logger, events: EventPublisherService, config: DemoConfig
+) -> None:
     if config.restart_logger:
         await midway.wait()
         await logger.kill_and_restart()
+        await events.wait_for_subscribers(2, timeout=10)
 
 
 async def _follow(
@@ -238,7 +242,6 @@ async def _simulate(
         await asyncio.sleep(rng.expovariate(config.rate))  # Poisson arrivals
     events.stop_tracking()
     await asyncio.gather(*tasks)
-    events.session_ended()
 
 
 async def _sample(

@@ -14,9 +14,7 @@ from the publisher's replay buffer. With ``--history`` (default
 :data:`~wirebus.services.event_publisher.REPLAY_ITEMS`) it also fetches, from each publisher,
 what was published before it joined, in the order sent, so an aggregator started late, or
 restarted on a fresh store, computes the metrics of the whole run while the run still fits in
-the buffer (what did not fit is counted in its subscriber's ``stats.dropped``). A gap recovered
-later comes topic by topic (session, sample, error events): a sample whose failure and other
-events were both recovered can count as ``orphan_events``.
+the buffer (what did not fit is counted in its subscriber's ``stats.dropped``).
 """
 
 from __future__ import annotations

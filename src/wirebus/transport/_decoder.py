@@ -153,51 +153,25 @@ class FrameDecoder(Generic[T]):
                     f"resume maps (publisher id, {TOPIC_FRAME_SIZE}-byte topic) to a "
                     f"sequence number >= 0, got {key!r}: {seq!r}"
                 )
-        for (publisher, topic), seq in position.items():
-            self.skip_to(publisher, topic, seq, dropped=0)
-
-    def skip_to(self, publisher: int, topic: bytes, seq: int, dropped: int) -> None:
-        """Expect ``seq`` next from ``publisher`` on ``topic``, counting ``dropped`` items
-        missed (what a recovery could not fetch)."""
-        key = (publisher, topic)
         table = self._next_seq
-        table.pop(key, None)
-        if len(table) >= MAX_TRACKED:
-            del table[next(iter(table))]
-        table[key] = seq
-        self._stats.dropped += dropped
+        for key, seq in position.items():
+            table.pop(key, None)
+            if len(table) >= MAX_TRACKED:
+                del table[next(iter(table))]
+            table[key] = seq
 
-    def decode_history(self, frame: bytes, items: list[T], failures: list[Failure]) -> None:
-        """:meth:`decode` a message of a publisher's history, counting its items as recovered
-        (and not as a message of the subscriber's socket)."""
+    def topics_of(self, publisher: int) -> dict[bytes, int]:
+        """The next sequence number due from ``publisher`` on each of its topics tracked."""
+        return {topic: seq for (p, topic), seq in self._next_seq.items() if p == publisher}
+
+    def decode_replayed(self, frame: bytes, items: list[T], failures: list[Failure]) -> None:
+        """:meth:`decode` a message a publisher's replay endpoint sent, counting its items as
+        recovered (and not as a message of the subscriber's socket)."""
         stats = self._stats
         before = stats.received
         self.decode(frame, items, failures)
         stats.messages -= 1
         stats.recovered += stats.received - before
-
-    def decode_replayed(
-        self,
-        frame: bytes,
-        header: _wire.Frame,
-        lo: int,
-        hi: int,
-        items: list[T],
-        failures: list[Failure],
-    ) -> None:
-        """Append the items of a replayed ``frame`` numbered ``lo`` up to ``hi``; count them
-        as received and recovered. ``ValueError`` when its body is malformed."""
-        skip = max(0, lo - header.first)
-        keep = min(header.items, hi - header.first) - skip
-        if keep <= 0:
-            return
-        decoded, payloads = self._split(frame, header)
-        self._stats.received += keep
-        self._stats.recovered += keep
-        if decoded is not None:
-            items.extend(decoded[skip : skip + keep])
-        else:
-            self._decode_payloads(payloads[skip : skip + keep], items, failures)
 
     def _split(self, frame: bytes, header: _wire.Frame) -> tuple[list[T] | None, list[memoryview]]:
         """The items decoded in one call, or ``None`` and the payloads to decode one by one.

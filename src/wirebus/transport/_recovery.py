@@ -2,14 +2,15 @@
 
 Each message of a publisher with replay on names its replay endpoint (``docs/wire-format.md``);
 :class:`Recovery` remembers it per publisher id. When a message shows a gap (``recover``), is
-the first heard from a publisher (``history``: every topic, in the order sent), or comes from a
-publisher of a resumed position (everything kept after it, topic by topic), the subscriber's
-consumer hands it here instead of to the decoder: a DEALER asks the publisher for what is
-missing, a chunk at a time, while that publisher's later messages are held back; the replies
-reach ``process()`` first, then the held messages (what they repeat is skipped). Other
-publishers' messages are not held. A recovery gives up when the publisher has not answered for
-``timeout`` seconds or the held messages pass ``max_held_bytes``: what is still missing is
-counted as dropped, and the held messages go on.
+the first heard from a publisher (``history``), or comes from a publisher of a resumed
+position, the subscriber's consumer hands it here instead of to the decoder, and a DEALER asks
+that publisher for every topic's messages since where this subscriber is (or its newest
+``history`` items), in the order the publisher sent them, a chunk at a time, while its later
+messages are held back. The replies go through the decoder's own sequence table, so
+``process()`` gets the publisher's items in its order, each once (what the held messages
+repeat is skipped). Other publishers' messages are not held. A recovery gives up when the
+publisher has not answered for ``timeout`` seconds or the held messages pass
+``max_held_bytes``: the held messages go on, and what is still missing is counted as dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import collections
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
 import zmq
@@ -33,60 +34,54 @@ from wirebus.transport._socket import OwnedSocket
 
 T = TypeVar("T")
 
-_OPEN_END = 2**64 - 1  # a catch-up asks for everything kept from its start on
 _MAX_DEALERS = 16  # replay endpoints connected at once; one in use is never closed
 _MAX_REPLIES = 4 * 64  # replies queued for one recovery; a peer sending more is ignored
 
 
 class _Fetch:
-    """One publisher's recovery: items ``next`` up to ``end`` of ``topic`` still wanted; or,
-    with ``history``, that many items of each of its topics, in the order sent, from the
-    message after cursor ``next`` on."""
+    """One publisher's recovery: every topic's messages after message ``cursor`` of the
+    publisher, from ``starts[topic]`` on, or the newest ``history`` items of a topic not in
+    ``starts`` (:class:`_wire.Since`)."""
 
     __slots__ = (
-        "asked_from",
+        "cursor",
         "done",
-        "end",
         "endpoint",
+        "failed",
         "held",
         "held_bytes",
         "history",
-        "next",
         "progress_at",
         "publisher",
         "replies",
         "request_id",
+        "starts",
         "timer",
-        "topic",
     )
 
     def __init__(
-        self, publisher: int, topic: bytes, endpoint: str, first: int, end: int, history: int = 0
+        self, publisher: int, endpoint: str, starts: dict[bytes, int], history: int
     ) -> None:
-        self.history = history
         self.publisher = publisher
-        self.topic = topic
         self.endpoint = endpoint
-        self.next = first
-        self.end = end
-        self.asked_from = first
+        self.starts = starts
+        self.history = history
+        self.cursor = 0
         self.request_id = 0
         self.held: list[bytes] = []
         self.held_bytes = 0
         self.replies: collections.deque[tuple[int, bytes]] = collections.deque()
         self.done = False
+        self.failed = False
         self.progress_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
     def request(self) -> bytes:
         """The request for what is still wanted."""
-        if self.history:
-            return _wire.pack_history_request(self.request_id, self.history, self.next)
-        return _wire.pack_request(self.topic, self.request_id, self.next, self.end)
+        return _wire.pack_since(self.request_id, self.history, self.cursor, self.starts)
 
     def __str__(self) -> str:
-        what = "its history" if self.history else f"items {self.next}..{self.end - 1}"
-        return f"{what} of publisher {self.publisher:#x} from {self.endpoint}"
+        return f"what publisher {self.publisher:#x} sent since {self.starts} ({self.endpoint})"
 
 
 class Recovery(Generic[T]):
@@ -123,12 +118,10 @@ class Recovery(Generic[T]):
         self._fetches: dict[int, _Fetch] = {}  # publisher id -> its recovery
         self._by_request: dict[int, _Fetch] = {}
         self._request_ids = itertools.count(1)
-        # publisher id -> (topic, sequence number) of a resumed position still to catch up on
-        self._catch_up: dict[int, list[tuple[bytes, int]]] = {}
-        if recover:
-            for (publisher, topic), seq in resume.items():
-                self._catch_up.setdefault(publisher, []).append((topic, seq))
-        self._heard: dict[int, None] = dict.fromkeys(self._catch_up)  # history asked, or resumed
+        # publishers of a resumed position, to catch up on as soon as they are heard
+        self._resumed = {publisher for publisher, _topic in resume} if recover else set()
+        self._heard: dict[int, None] = dict.fromkeys(self._resumed)  # history asked, or resumed
+        self._passing: dict[int, int] = {}  # publisher -> its messages held by a failed recovery
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -138,13 +131,6 @@ class Recovery(Generic[T]):
     def due(self) -> bool:
         """Replies to deliver, or a recovery to end."""
         return any(fetch.replies or fetch.done for fetch in self._fetches.values())
-
-    def positions(self) -> Iterator[tuple[tuple[int, bytes], int]]:
-        """Per recovery under way: its (publisher, topic) and the next item it has to hand
-        over (what was handed to ``process()`` so far ends just before it)."""
-        for fetch in self._fetches.values():
-            if not fetch.history:  # a history goes through the decoder's own table
-                yield (fetch.publisher, fetch.topic), fetch.next
 
     # -- the consumer's side -----------------------------------------------------------------
 
@@ -160,48 +146,43 @@ class Recovery(Generic[T]):
         if fetch is not None:
             self._hold(fetch, frame)
             return True
+        passing = self._passing.pop(publisher, 0)
+        if passing:  # after a recovery that failed: its gaps are counted as dropped
+            if passing > 1:
+                self._passing[publisher] = passing - 1
+            return False
         if header.replay:
             self._dealers.learn(publisher, header.replay)
         if not self._dealers.knows(publisher):
             return False
-        if publisher in self._catch_up:  # resumed: everything kept after the position
-            pending = self._catch_up[publisher]
-            topic, seq = pending.pop()
-            if not pending:
-                del self._catch_up[publisher]
-            return self._start(publisher, frame, topic, seq, _OPEN_END)
-        expected = self._decoder.expected(publisher, header.topic)
-        if expected is None and self._history and publisher not in self._heard:
-            if len(self._heard) >= MAX_TRACKED:
-                del self._heard[next(iter(self._heard))]
-            self._heard[publisher] = None
-            return self._start(publisher, frame, b"", 0, _OPEN_END, history=self._history)
-        if expected is None:  # a new topic of a publisher heard before
+        decoder = self._decoder
+        if publisher in self._resumed:  # everything kept since the position, every topic
+            self._resumed.discard(publisher)
+            return self._start(publisher, frame, decoder.topics_of(publisher), self._history)
+        expected = decoder.expected(publisher, header.topic)
+        if expected is None:
             if not self._history:
                 return False
-            first = max(0, header.first - self._history)
-        elif self._recover:
-            first = expected
-        else:
+            if publisher not in self._heard:  # first heard: its history, every topic
+                if len(self._heard) >= MAX_TRACKED:
+                    del self._heard[next(iter(self._heard))]
+                self._heard[publisher] = None
+                return self._start(publisher, frame, {}, self._history)
+            starts = decoder.topics_of(publisher)  # a new topic of a publisher heard before
+            starts[header.topic] = max(0, header.first - self._history)
+            return self._start(publisher, frame, starts, 0)
+        if not self._recover or not 0 < header.first - expected <= MAX_GAP:
             return False
-        if not 0 < header.first - first <= MAX_GAP:
-            return False
-        started = self._start(publisher, frame, header.topic, first, header.first)
-        if started and expected is None:  # what came before the history is missed, as always
-            self._decoder.skip_to(publisher, header.topic, first, dropped=first)
-        return started
+        return self._start(publisher, frame, decoder.topics_of(publisher), 0)
 
-    def _start(
-        self, publisher: int, frame: bytes, topic: bytes, first: int, end: int, history: int = 0
-    ) -> bool:
+    def _start(self, publisher: int, frame: bytes, starts: dict[bytes, int], history: int) -> bool:
         """Start a recovery of ``publisher`` (see :class:`_Fetch`), holding ``frame``; False
-        when its replay endpoint cannot be reached (nor will be: no catch-up is left)."""
+        when its replay endpoint cannot be reached."""
         in_use = {fetch.endpoint for fetch in self._fetches.values()}
         endpoint = self._dealers.connect(publisher, in_use)
         if endpoint is None:
-            self._catch_up.pop(publisher, None)
             return False
-        fetch = _Fetch(publisher, topic, endpoint, first, end, history)
+        fetch = _Fetch(publisher, endpoint, starts, history)
         self._fetches[publisher] = fetch
         self._hold(fetch, frame)
         self._request(fetch)
@@ -228,53 +209,23 @@ class Recovery(Generic[T]):
     def _replayed(
         self, fetch: _Fetch, frame: bytes, items: list[T], failures: list[Failure]
     ) -> None:
-        if fetch.history:
-            self._historic(fetch, frame, items, failures)
-            return
-        try:
-            header = _wire.unpack(frame)
-            if header.publisher != fetch.publisher or header.topic != fetch.topic:
-                raise _wire.MalformedFrame(
-                    f"a replayed message of publisher {header.publisher:#x} topic "
-                    f"{header.topic!r}, asked of {fetch.publisher:#x} {fetch.topic!r}"
-                )
-            if header.first + header.items <= fetch.next or header.first >= fetch.end:
-                return
-            if header.first > fetch.next:  # no longer in the buffer
-                self._stats.dropped += header.first - fetch.next
-                fetch.next = header.first
-            self._decoder.decode_replayed(frame, header, fetch.next, fetch.end, items, failures)
-        except ValueError as exc:
-            self._stats.malformed += 1
-            failures.append((ValueError(f"malformed replayed message: {exc}"), frame))
-            return
-        fetch.next = min(header.first + header.items, fetch.end)
-
-    def _historic(
-        self, fetch: _Fetch, frame: bytes, items: list[T], failures: list[Failure]
-    ) -> None:
         with contextlib.suppress(_wire.MalformedFrame):  # else the decoder counts and reports it
             publisher = _wire.unpack(frame).publisher
             if publisher != fetch.publisher:
                 self._stats.malformed += 1
-                why = f"history of publisher {publisher:#x}, asked of {fetch.publisher:#x}"
+                why = f"a replayed message of publisher {publisher:#x}, asked of {fetch}"
                 failures.append((ValueError(why), frame))
                 return
-        self._decoder.decode_history(frame, items, failures)
+        self._decoder.decode_replayed(frame, items, failures)
 
     def _ended(self, fetch: _Fetch, body: bytes) -> None:
         try:
-            after, more = _wire.unpack_end(body)
+            cursor, more = _wire.unpack_end(body)
         except _wire.MalformedFrame as exc:
             self._give_up(fetch, str(exc))
             return
-        if fetch.history:
-            if more and after > fetch.next:
-                fetch.next = after
-                self._request(fetch)
-            else:
-                fetch.done = True
-        elif more and fetch.asked_from < fetch.next < fetch.end:
+        if more and cursor > fetch.cursor:
+            fetch.cursor = cursor
             self._request(fetch)
         else:
             fetch.done = True
@@ -284,9 +235,8 @@ class Recovery(Generic[T]):
         self._by_request.pop(fetch.request_id, None)
         if fetch.timer is not None:
             fetch.timer.cancel()
-        if not fetch.history:
-            end = fetch.next if fetch.end == _OPEN_END else fetch.end
-            self._decoder.skip_to(fetch.publisher, fetch.topic, end, dropped=end - fetch.next)
+        if fetch.failed:
+            self._passing[fetch.publisher] = len(fetch.held)
         frames.extendleft(reversed(fetch.held))
 
     def _hold(self, fetch: _Fetch, frame: bytes) -> None:
@@ -296,8 +246,8 @@ class Recovery(Generic[T]):
             self._give_up(fetch, f"over {self._max_held_bytes} bytes held back meanwhile")
 
     def _give_up(self, fetch: _Fetch, why: str) -> None:
-        fetch.done = True
-        self._log(logging.WARNING, f"{self._owner}: recovering {fetch}: {why}; counted as dropped")
+        fetch.done = fetch.failed = True
+        self._log(logging.WARNING, f"{self._owner}: recovering {fetch}: {why}")
 
     # -- requests and replies ----------------------------------------------------------------
 
@@ -305,7 +255,6 @@ class Recovery(Generic[T]):
         assert self._loop is not None
         self._by_request.pop(fetch.request_id, None)
         fetch.request_id = next(self._request_ids) & 0xFFFFFFFF
-        fetch.asked_from = fetch.next
         self._by_request[fetch.request_id] = fetch
         fetch.progress_at = self._loop.time()
         try:

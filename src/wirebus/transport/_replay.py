@@ -122,18 +122,20 @@ class ReplayBuffer:
             more = stop < len(firsts) and firsts[stop] < end
         return frames, max(after, first), more
 
-    def history(self, items: int, cursor: int) -> tuple[list[bytes], int, bool]:
-        """The messages holding the newest ``items`` items of each topic and sent after
-        message ``cursor`` (``0``: from the first), in the order sent, at most
-        ``CHUNK_FRAMES``; the cursor after the last of them, and whether more is kept."""
+    def since(self, request: _wire.Since) -> tuple[list[bytes], int, bool]:
+        """The messages ``request`` asks for (see :class:`_wire.Since`), in the order sent, at
+        most ``CHUNK_FRAMES``; the cursor after the last of them, and whether more is kept."""
+        cursor = request.cursor
         with self._lock:
             heads: list[tuple[int, int, _Topic]] = []
-            for entry in self._topics.values():
-                if not entry.frames:
-                    continue
-                newest = entry.firsts[-1] + entry.counts[-1]
+            for topic, entry in self._topics.items():
+                start = request.starts.get(topic)
+                if start is None:
+                    if not request.history or not entry.frames:
+                        continue
+                    start = entry.firsts[-1] + entry.counts[-1] - request.history
                 index = max(
-                    entry.index_of(newest - items),
+                    entry.index_of(start),
                     bisect.bisect_right(entry.orders, cursor, lo=entry.start),
                 )
                 if index < len(entry.frames):
@@ -276,8 +278,8 @@ class ReplayServer:
             header = _wire.reply_header(_wire.KIND_ERROR, 0)
             send([peer, header, str(exc).encode()], zmq.NOBLOCK)
             return 1
-        if request.kind == _wire.KIND_HISTORY:
-            frames, after, more = self.buffer.history(request.first, request.end)
+        if isinstance(request, _wire.Since):
+            frames, after, more = self.buffer.since(request)
         else:
             frames, after, more = self.buffer.chunk(request.topic, request.first, request.end)
         items = _wire.reply_header(_wire.KIND_ITEMS, request.request_id)

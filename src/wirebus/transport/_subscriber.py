@@ -64,8 +64,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
     ``resume`` continues where an earlier subscriber stopped: pass the :attr:`position` it had
     when it last stored its work, and items from there on are due instead of ``history``. With
     ``recover=True``, on the first message of each publisher in it, everything that publisher
-    still keeps after the position is fetched, topic by topic (a later message shows no gap for
-    items lost at the end of a topic); without, a gap is counted as dropped.
+    still keeps after the position is fetched, every topic in the order sent (a later message
+    shows no gap for items lost at the end of a topic); without, a gap is counted as dropped.
     """
 
     def __init__(
@@ -167,10 +167,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         the items handed over so far cover. A consumer that stores its work stores this with
         it, and a later subscriber passes it as ``resume`` to go on from there, exactly once.
         """
-        position = self._decoder.position()
-        if self._recovery is not None:
-            position.update(self._recovery.positions())
-        return position
+        return self._decoder.position()
 
     async def start(self) -> None:
         if self._closed:
