@@ -200,6 +200,31 @@ class ReplayServer:
         )
         self._thread.start()
 
+    @classmethod
+    def next_to(
+        cls,
+        main: OwnedSocket,
+        address: str | None,
+        bind: bool,
+        publisher_id: int,
+        items: int,
+        max_bytes: int,
+    ) -> ReplayServer:
+        """The replay server of the publisher ``publisher_id`` whose socket is ``main`` (bound
+        or connected as ``bind`` says), keeping ``items`` items (at most ``max_bytes`` bytes)
+        per topic: at ``address``, or where :func:`_default_address` picks next to ``main``; in
+        ``main``'s context when that is an inproc one; with ``main``'s security settings."""
+        inproc = main.address.startswith("inproc://")
+        return cls(
+            ReplayBuffer(items, max_bytes),
+            address or _default_address(main.address, bind, publisher_id),
+            context=main.context if inproc else None,
+            curve=main.curve,
+            heartbeat=main.heartbeat,
+            allow_any_interface=main.allow_any_interface,
+            owner=f"publisher for {main.address}",
+        )
+
     def close(self, timeout: float | None = None) -> None:
         """Stop the thread; its pipe and socket are closed now, or by the thread as it ends
         if it does not end within ``timeout``."""
@@ -266,7 +291,24 @@ class ReplayServer:
         return len(frames) + 1
 
 
-def default_address(address: str, bind: bool, publisher_id: int) -> str:
+def check_settings(
+    replay: int, replay_bytes: int, conflate: bool, curve: CurveServer | CurveClient | None
+) -> None:
+    """``ValueError`` for a publisher's replay settings that cannot work, before any socket."""
+    if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+        raise ValueError(f"replay must be an int >= 0 items (0: off), got {replay!r}")
+    if isinstance(replay_bytes, bool) or not isinstance(replay_bytes, int) or replay_bytes < 1:
+        raise ValueError(f"replay_bytes must be an int >= 1, got {replay_bytes!r}")
+    if replay and conflate:
+        raise ValueError("replay with conflate=True: a conflating publisher skips items on purpose")
+    if replay and isinstance(curve, CurveClient):
+        raise ValueError(
+            "replay on a CURVE client publisher: its replay endpoint would need server keys of "
+            "its own; bind the publisher as the CurveServer, or leave replay off"
+        )
+
+
+def _default_address(address: str, bind: bool, publisher_id: int) -> str:
     """The replay endpoint picked next to a publisher's ``address``.
 
     ipc: next to the main path, ``PATH.replay`` when the publisher binds it, else (fan-in)
