@@ -45,7 +45,7 @@ def publisher(address: str, n: int) -> None:
             print("published", flush=True)
             assert (await asyncio.to_thread(sys.stdin.readline)).strip() == "history"
             await pub.wait_for_subscribers(timeout=30)
-            pub.publish(_records(n, n + 1)[0])  # its gap is the history to fetch
+            pub.publish(_records(n, n + 1)[0])  # heard: the history is fetched first
             assert (await asyncio.to_thread(sys.stdin.readline)).strip() == "live"
             for record in _records(n + 1, 2 * n + 1):
                 pub.publish(record)
@@ -74,7 +74,7 @@ async def _measure(address: str, n: int, command: Callable[[str], None]) -> dict
         command("history")
         await asyncio.wait_for(sub.reached.wait(), 120)
         recovered = time.perf_counter() - started
-        assert sub.stats.recovered == n, sub.stats
+        assert sub.stats.recovered >= n, sub.stats  # the newest n when it asked, or n + 1
         sub.reached.clear()
         sub.target = 2 * n + 1
         started = time.perf_counter()

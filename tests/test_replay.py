@@ -16,11 +16,13 @@ import pytest
 import zmq
 
 from _peers import Peer, announced_endpoint, parse_frame
+from _support import wait_until_async
 from test_security import client, keys, server  # noqa: F401  (keys is a fixture)
 from wirebus import (
     EventRecord,
     EventRecordCodec,
     SampleEventType,
+    SessionEventType,
     ZmqMessagePublisher,
     ZmqMessageSubscriber,
     make_topic,
@@ -39,6 +41,29 @@ ITEMS, END, ERROR = 2, 3, 4
 
 def request(topic: bytes, request_id: int, first: int, end: int) -> bytes:
     return topic + _REQUEST.pack(2, 1, 0, request_id, first, end)
+
+
+def since_request(
+    request_id: int, items: int, cursor: int, starts: dict[bytes, int] | None = None
+) -> bytes:
+    entries = b"".join(struct.pack("<32sQ", t, seq) for t, seq in (starts or {}).items())
+    return bytes(32) + _REQUEST.pack(2, 5, 0, request_id, items, cursor) + entries
+
+
+def since(dealer: zmq.Socket[bytes], items: int, starts: dict[bytes, int] | None = None) -> list:
+    """Ask with since requests until the end marker says there is no more; the items got, as
+    (topic, timestamp)."""
+    codec = EventRecordCodec()
+    got, cursor, more = [], 0, 1
+    while more:
+        replies = ask(dealer, since_request(7, items, cursor, starts))
+        assert {request_id for _, request_id, _ in replies} == {7}
+        for kind, _id, body in replies[:-1]:
+            assert kind == ITEMS
+            topic, _publisher, _first, payloads = parse_frame(body)
+            got += [(topic, codec.decode(payload).timestamp_ns) for payload in payloads]
+        cursor, more = _END.unpack(replies[-1][2])
+    return got
 
 
 def records(start: int, stop: int) -> list[EventRecord]:
@@ -107,6 +132,65 @@ async def test_replay_serves_the_newest_items_as_the_messages_sent(
         assert len(inside) <= 128
         # another topic: nothing, and the end marker says so
         assert ask(dealer, request(make_topic("other"), 43, 0, 10)) == [(END, 43, _END.pack(0, 0))]
+
+
+def interleaved(n: int) -> list[EventRecord]:
+    """Records on two topics (session and sample events), numbered by timestamp 0..n-1."""
+    return [
+        EventRecord(
+            SessionEventType.START_PERFORMANCE_TRACKING if i % 7 == 0 else SampleEventType.ISSUED,
+            i,
+        )
+        for i in range(n)
+    ]
+
+
+async def test_a_since_request_gets_every_topic_in_the_order_sent(
+    wirebus_address: str, dealer: zmq.Socket[bytes]
+) -> None:
+    codec = EventRecordCodec()
+    session = make_topic("session")
+    with ZmqMessagePublisher(codec, wirebus_address, replay=1000) as publisher:
+        for record in interleaved(700):  # one message each: the topics alternate
+            publisher.publish(record)
+            await publisher.flush(timeout=10)
+        dealer.connect(publisher.replay_address)
+        # a history: the newest 50 of each topic, in the order sent
+        got = since(dealer, 50)
+        samples = [i for i in range(700) if i % 7]
+        stamps = [stamp for _topic, stamp in got]
+        assert stamps == sorted(stamps)
+        assert [t for topic, t in got if topic == session] == list(range(0, 700, 7))[-50:]
+        assert [t for topic, t in got if topic == SAMPLE] == samples[-50:]
+        # from given positions: the session topic from its item 90, the sample topic from 500
+        got = since(dealer, 0, {session: 90, SAMPLE: 500})
+        expected = sorted([*range(630, 700, 7), *samples[500:]])
+        assert [t for _topic, t in got] == expected
+        # what cannot be a since request
+        for bad in (since_request(8, 0, 0), since_request(8, 1, 0) + b"x" * 39):
+            [(kind, request_id, text)] = ask(dealer, bad)
+            assert (kind, request_id) == (ERROR, 0)
+            assert b"since request" in text
+
+
+async def test_history_delivers_a_publishers_topics_in_the_order_it_sent_them(
+    wirebus_address: str,
+) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=1000) as publisher:
+        sent = interleaved(300)
+        for record in sent:
+            publisher.publish(record)
+            await publisher.flush(timeout=10)
+        async with CollectingSubscriber(codec, wirebus_address, history=1000) as late:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish(EventRecord(SampleEventType.ISSUED, 300))
+            await late.wait_for(301)
+            # the live message that started it came with the history: it is skipped
+            await late.wait_until(lambda: late.stats.duplicates == 1)
+    assert [r.timestamp_ns for r in late.items] == list(range(301))  # not topic by topic
+    stats = late.stats
+    assert (stats.received, stats.recovered, stats.dropped) == (301, 301, 0), stats
 
 
 async def test_bad_huge_and_flood_requests_leave_the_publisher_working(
@@ -213,13 +297,25 @@ class Gated(CollectingSubscriber[EventRecord]):
         await super().process(items)
 
 
+class Checkpointing(Gated):
+    """Notes, in every process(), its position against the items handed over so far."""
+
+    def __init__(self, address: str, **options: Any) -> None:
+        super().__init__(address, **options)
+        self.checkpoints: list[tuple[int, dict[tuple[int, bytes], int]]] = []
+
+    async def process(self, items: list[EventRecord]) -> None:
+        await super().process(items)
+        self.checkpoints.append((len(self.items), self.position))
+
+
 async def test_a_stalled_subscriber_gets_back_every_item_a_small_sndhwm_dropped(
     wirebus_address: str,
 ) -> None:
     peer = Peer(PEERS, "publish", wirebus_address, "100000", "10")
     try:
         await peer.wait_for(lambda state: "replay" in state, timeout=20)
-        async with Gated(wirebus_address, rcvhwm=10, recover=True) as subscriber:
+        async with Checkpointing(wirebus_address, rcvhwm=10, recover=True) as subscriber:
             peer.send("1")
             await subscriber.wait_for(1)
             subscriber.gate.clear()  # stalled from its next batch on
@@ -237,6 +333,34 @@ async def test_a_stalled_subscriber_gets_back_every_item_a_small_sndhwm_dropped(
     stats = subscriber.stats
     assert stats.recovered > 0, stats  # the hwm did drop items: they came back through replay
     assert (stats.received, stats.dropped) == (20_002, 0), stats
+    # one publisher, one topic, items numbered from 0: inside every process(), the position
+    # is the count handed over so far, a recovery under way included
+    for handed, position in subscriber.checkpoints:
+        assert list(position.values()) == [handed], (handed, position)
+
+
+async def test_what_an_hwm_dropped_on_several_topics_comes_back_in_the_order_sent(
+    wirebus_address: str,
+) -> None:
+    sent = interleaved(12_000)  # session and sample events, one message each
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(
+        codec, wirebus_address, replay=100_000, sndhwm=10, max_batch_bytes=1
+    ) as publisher:
+        async with Gated(wirebus_address, rcvhwm=10, recover=True) as subscriber:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish(sent[0])
+            await subscriber.wait_for(1)
+            subscriber.gate.clear()  # stalled: the reader's buffer and both hwms fill, then drop
+            publisher.publish_many(sent[1:-2])
+            await publisher.flush(timeout=20)
+            subscriber.gate.set()
+            publisher.publish_many(sent[-2:])
+            await subscriber.wait_for(len(sent), timeout=30)
+    assert [r.timestamp_ns for r in subscriber.items] == list(range(len(sent)))
+    stats = subscriber.stats
+    assert stats.recovered > 0, stats  # the hwm did drop, on both topics
+    assert (stats.received, stats.dropped) == (len(sent), 0), stats
 
 
 async def test_a_publisher_killed_during_recovery_costs_its_gap_and_holds_up_nobody(
@@ -356,3 +480,84 @@ async def test_fan_in_of_four_with_one_restarted_loses_nothing_of_the_others(
         assert of(name) == list(range(published[name])), name
     assert of("d") == list(range(len(of("d"))))  # in order up to where it was killed
     assert subscriber.stats.dropped == 0
+
+
+# -- position and resume ---------------------------------------------------------------------
+
+
+async def test_resume_from_a_stored_position_gets_the_rest_exactly_once(
+    wirebus_address: str,
+) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=10_000) as publisher:
+        async with Checkpointing(wirebus_address, recover=True) as first:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(0, 1000))
+            await first.wait_for(1000)
+        # the last position "stored" lags what the first one got, as a periodic checkpoint does
+        stored = next(position for handed, position in first.checkpoints if handed >= 300)
+        (due,) = stored.values()
+        assert 300 <= due < 1000
+        await wait_until_async(lambda: publisher.subscriptions == 0, "the first one gone")
+        publisher.publish_many(records(1000, 2000))  # nobody listens meanwhile
+        await publisher.flush(timeout=10)
+        async with CollectingSubscriber(
+            codec, wirebus_address, recover=True, history=5000, resume=stored
+        ) as second:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(2000, 2100))
+            await second.wait_for(2100 - due)
+    assert [r.timestamp_ns for r in second.items] == list(range(due, 2100))
+    stats = second.stats
+    assert (stats.received, stats.dropped) == (2100 - due, 0), stats
+    assert stats.recovered >= 2000 - due, stats  # and what was also sent live came once
+
+
+async def test_resume_catches_up_on_a_topic_whose_last_items_went_by_unheard(
+    wirebus_address: str,
+) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=100) as publisher:
+        async with Checkpointing(wirebus_address, recover=True) as first:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(0, 10))
+            await first.wait_for(10)
+        stored = first.position
+        await wait_until_async(lambda: publisher.subscriptions == 0, "the first one gone")
+        publisher.publish_many(records(10, 20))  # the topic's last items: nobody hears them
+        await publisher.flush(timeout=10)
+        async with CollectingSubscriber(
+            codec, wirebus_address, recover=True, resume=stored
+        ) as second:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish(EventRecord(SessionEventType.ENDED, 99))  # another topic
+            await second.wait_for(11)
+    assert [(r.event_type, r.timestamp_ns) for r in second.items] == [
+        *((SampleEventType.ISSUED, i) for i in range(10, 20)),
+        (SessionEventType.ENDED, 99),
+    ]
+    assert (second.stats.recovered, second.stats.dropped) == (10, 0), (second.stats, stored)
+
+
+async def test_resume_without_recover_counts_the_gap_as_dropped(wirebus_address: str) -> None:
+    codec = EventRecordCodec()
+    with ZmqMessagePublisher(codec, wirebus_address, replay=100) as publisher:
+        publisher.publish_many(records(0, 60))  # nobody listens
+        await publisher.flush(timeout=10)
+        resume = {(publisher.publisher_id, SAMPLE): 40}
+        async with CollectingSubscriber(codec, wirebus_address, resume=resume) as subscriber:
+            await publisher.wait_for_subscribers(1, timeout=10)
+            publisher.publish_many(records(60, 70))
+            await subscriber.wait_for(10)
+    assert [r.timestamp_ns for r in subscriber.items] == list(range(60, 70))
+    assert (subscriber.stats.dropped, subscriber.stats.recovered) == (20, 0)
+
+
+def test_a_resume_that_cannot_be_a_position_is_refused(wirebus_address: str) -> None:
+    codec = EventRecordCodec()
+    for bad in ({(1, b"short"): 0}, {(1, SAMPLE): -1}, {(2**64, SAMPLE): 0}, {(1, SAMPLE): "0"}):
+        with pytest.raises(ValueError, match="resume maps") as caught:
+            ZmqMessageSubscriber(codec, wirebus_address, resume=bad)  # type: ignore[arg-type]
+        assert repr(next(iter(bad.values()))) in str(caught.value)
+    with pytest.raises(TypeError, match=r"resume must be a mapping.*\[1, 2\]"):
+        ZmqMessageSubscriber(codec, wirebus_address, resume=[1, 2])  # type: ignore[arg-type]

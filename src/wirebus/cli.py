@@ -83,7 +83,12 @@ def _demo(args: argparse.Namespace) -> int:
     from wirebus.demo import DemoConfig, run_demo, summary_lines, write_summary
 
     try:
-        config = DemoConfig(samples=args.samples, rate=args.rate, out=Path(args.out))
+        config = DemoConfig(
+            samples=args.samples,
+            rate=args.rate,
+            out=Path(args.out),
+            restart_logger=args.restart_logger,
+        )
     except ValueError as exc:
         _fail(f"--{str(exc).split()[0]}: {exc}", _USAGE_ERROR)
 
@@ -97,7 +102,7 @@ def _demo(args: argparse.Namespace) -> int:
             print(line)
         write_summary(result, config.out)
         print(f"log, service logs and summary.json in {config.out}/")
-        return 0 if result.lost == 0 else 1
+        return 0 if result.ok else 1
 
     return _run(demo())
 
@@ -387,6 +392,11 @@ def _parser() -> _Parser:
     demo.add_argument("--samples", type=int, default=1500, help="samples to issue (default 1500)")
     demo.add_argument("--rate", type=float, default=150.0, help="samples per second (default 150)")
     demo.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    demo.add_argument(
+        "--restart-logger",
+        action="store_true",
+        help="SIGKILL the event logger a third of the way through and start it again",
+    )
     demo.set_defaults(run=_demo)
 
     tail = commands.add_parser(

@@ -7,6 +7,11 @@ aggregator's :class:`~wirebus.services.metrics_aggregator.MetricsSnapshot` s. At
 checks that every event published is a line in the log and an event in the KV store, prints a
 summary and writes it to ``OUT/summary.json``. Everything it starts or creates is stopped and
 removed when it ends, by Ctrl-C too.
+
+With ``restart_logger`` (``wirebus demo --restart-logger``) the event logger is SIGKILLed a
+third of the way through and started again: it goes back to its last checkpoint and fetches
+what it missed from the publisher's replay buffer, so the run still ends with every event in
+the log once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -31,7 +37,7 @@ from wirebus import _paths
 from wirebus._endpoint import new_ipc_address, remove_ipc_dir
 from wirebus.kvstore import KVStoreReader
 from wirebus.launcher import ServiceLauncher, ServiceSpec
-from wirebus.services.event_logger import log_files
+from wirebus.services.event_logger import checkpoint_path, log_files
 from wirebus.services.event_publisher import EventPublisherService
 from wirebus.services.metrics_aggregator import (
     MetricsSnapshot,
@@ -59,6 +65,7 @@ class DemoConfig:
     tpot_ms: float = 4.0
     tokens_per_chunk: int = 8
     seed: int = 1
+    restart_logger: bool = False
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -79,7 +86,17 @@ class DemoResult:
 
     @property
     def lost(self) -> int:
-        return max(self.published - self.logged, self.published - self.stored)
+        """Events missing from the log or the store (the larger of the two)."""
+        return max(0, self.published - self.logged, self.published - self.stored)
+
+    @property
+    def duplicated(self) -> int:
+        """Events the log or the store holds more than once (the larger of the two)."""
+        return max(0, self.logged - self.published, self.stored - self.published)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0
 
 
 def _store_dir() -> str:
@@ -91,6 +108,8 @@ def _prepare_out(out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         for old in log_files(out / _LOG):
             os.unlink(old)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(checkpoint_path(out / _LOG))
         probe = out / ".writable"
         probe.write_bytes(b"")
         probe.unlink()
@@ -108,23 +127,21 @@ async def run_demo(
     out = _prepare_out(config.out)
     store_dir = _store_dir()
     address = new_ipc_address("events")
-    launcher = ServiceLauncher(ready_timeout=30, stop_timeout=10, log_dir=str(out / "logs"))
+    log_dir = str(out / "logs")
+    launcher = ServiceLauncher(ready_timeout=30, stop_timeout=10, log_dir=log_dir)
+    logger = _Logger(
+        [sys.executable, "-m", "wirebus.services.event_logger",
+         "--address", address, "--out", str(out / _LOG)],
+        log_dir,
+    )  # fmt: skip
     events = EventPublisherService(address)
     try:
-        ready = await launcher.start(
-            [
-                ServiceSpec(
-                    "event_logger",
-                    [sys.executable, "-m", "wirebus.services.event_logger",
-                     "--address", address, "--out", str(out / _LOG)],
-                ),
-                ServiceSpec(
-                    "metrics_aggregator",
-                    [sys.executable, "-m", "wirebus.services.metrics_aggregator",
-                     "--address", address, "--store", os.path.join(store_dir, "metrics")],
-                ),
-            ]
+        aggregator = ServiceSpec(
+            "metrics_aggregator",
+            [sys.executable, "-m", "wirebus.services.metrics_aggregator",
+             "--address", address, "--store", os.path.join(store_dir, "metrics")],
         )  # fmt: skip
+        ready, _ = await asyncio.gather(launcher.start([aggregator]), logger.start())
         await events.wait_for_subscribers(2, timeout=10)
         store_path = ready["metrics_aggregator"].info["kvstore"]
         snapshot_address = ready["metrics_aggregator"].info["snapshot_address"]
@@ -133,7 +150,11 @@ async def run_demo(
         ) as snapshots:
             viewer = asyncio.ensure_future(_follow(snapshots, view))
             try:
-                await _simulate(events, config)
+                midway = asyncio.Event()
+                restart = asyncio.ensure_future(_restart_at(midway, logger, events, config))
+                await _simulate(events, config, midway)
+                await restart  # a restarted logger catches up when it next hears the publisher
+                events.session_ended()
                 await events.flush(timeout=10)
                 with KVStoreReader(store_path) as reader:
                     with contextlib.suppress(TimeoutError):  # the check below tells the loss
@@ -144,14 +165,53 @@ async def run_demo(
                 viewer.cancel()
                 await asyncio.gather(viewer, return_exceptions=True)
         view(final)
-        codes = await launcher.stop()
+        codes = {**await logger.stop(), **await launcher.stop()}
         logged = sum(_count_lines(path) for path in log_files(out / _LOG))
         return DemoResult(events.published, logged, stored, final, codes)
     finally:
-        await launcher.stop()
+        await asyncio.gather(launcher.stop(), logger.stop())
         await events.aclose(timeout=2)
         shutil.rmtree(store_dir, ignore_errors=True)
         remove_ipc_dir(address)
+
+
+class _Logger:
+    """The event logger, in a launcher of its own so that it can be killed and started again
+    (as ``event_logger``, then ``event_logger_restarted``)."""
+
+    def __init__(self, argv: list[str], log_dir: str) -> None:
+        self._argv = argv
+        self._log_dir = log_dir
+        self._launchers: list[ServiceLauncher] = []
+        self._codes: dict[str, int] = {}
+
+    async def start(self, name: str = "event_logger") -> None:
+        launcher = ServiceLauncher(ready_timeout=30, stop_timeout=10, log_dir=self._log_dir)
+        self._launchers.append(launcher)
+        await launcher.start([ServiceSpec(name, self._argv)])
+
+    async def kill_and_restart(self) -> None:
+        """SIGKILL the running logger, then start a new one on the same log."""
+        running = self._launchers[-1]
+        for pid in running.pids.values():
+            os.kill(pid, signal.SIGKILL)
+        self._codes.update(await running.stop())
+        await self.start("event_logger_restarted")
+
+    async def stop(self) -> dict[str, int]:
+        """Stop whichever logger runs; every logger's exit code by name."""
+        for launcher in self._launchers:
+            self._codes.update(await launcher.stop())
+        return dict(self._codes)
+
+
+async def _restart_at(
+    midway: asyncio.Event, logger: _Logger, events: EventPublisherService, config: DemoConfig
+) -> None:
+    if config.restart_logger:
+        await midway.wait()
+        await logger.kill_and_restart()
+        await events.wait_for_subscribers(2, timeout=10)
 
 
 async def _follow(
@@ -166,7 +226,9 @@ async def _follow(
         await asyncio.sleep(0.25)  # the view's refresh period
 
 
-async def _simulate(events: EventPublisherService, config: DemoConfig) -> None:
+async def _simulate(
+    events: EventPublisherService, config: DemoConfig, midway: asyncio.Event
+) -> None:
     rng = random.Random(config.seed)
     warmup = int(config.samples * config.warmup_fraction)
     tasks = []
@@ -174,11 +236,12 @@ async def _simulate(events: EventPublisherService, config: DemoConfig) -> None:
     for i in range(config.samples):
         if i == warmup:
             events.start_tracking()
+        if i == config.samples // 3:
+            midway.set()
         tasks.append(asyncio.ensure_future(_sample(events, f"{i:08d}", rng, config)))
         await asyncio.sleep(rng.expovariate(config.rate))  # Poisson arrivals
     events.stop_tracking()
     await asyncio.gather(*tasks)
-    events.session_ended()
 
 
 async def _sample(
@@ -244,8 +307,13 @@ def summary_lines(result: DemoResult) -> list[str]:
         f"events published {result.published}, lines in the log {result.logged}, "
         f"events in the store {result.stored}: "
     )
+    problems = []
+    if result.lost:
+        problems.append(f"{result.lost} LOST")
+    if result.duplicated:
+        problems.append(f"{result.duplicated} DUPLICATED")
     lines.append("")
-    lines.append(check + ("0 lost" if result.lost == 0 else f"{result.lost} LOST"))
+    lines.append(check + (", ".join(problems) or "0 lost"))
     return lines
 
 
@@ -256,6 +324,7 @@ def write_summary(result: DemoResult, out: Path) -> None:
         "logged": result.logged,
         "stored": result.stored,
         "lost": result.lost,
+        "duplicated": result.duplicated,
         "values": result.snapshot.values,
         "series": {name: msgspec.to_builtins(st) for name, st in result.snapshot.series.items()},
         "exit_codes": result.exit_codes,

@@ -10,29 +10,25 @@ process groups, their descendants (also those in a session of their own, found w
 launcher is a child subreaper) and whatever carries the launch's marker. A death pipe and the
 watchdog (:mod:`wirebus._watchdog`) do the same when the parent dies, even by SIGKILL.
 
-The service's side is :mod:`wirebus.service` (:func:`~wirebus.run_service`).
+How the processes are spawned, heard and ended is :mod:`wirebus._children`'s business (its
+:class:`~wirebus._children.Launch`); the service's side is :mod:`wirebus.service`
+(:func:`~wirebus.run_service`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import logging
 import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wirebus import _paths, _watchdog
 from wirebus._aio import positive_timeout
-from wirebus._children import Process, child_subreaper, collect_status, until_gone, wait_exits
+from wirebus._children import Launch, Service, collect_status, watching_exits
 from wirebus._resource import Resource, State
 from wirebus.errors import ReadyTimeoutError, ServiceStartupError
 from wirebus.ready import (
@@ -42,16 +38,12 @@ from wirebus.ready import (
     ReadyCheckReceiver,
     ReadySignal,
 )
-from wirebus.service import DEATH_FD_ENV
 
 __all__ = ["ServiceLauncher", "ServiceSpec"]
 
 _LOG_TAIL_LINES = 20
 _TIMEOUT_TAIL_LINES = 5
-_KILL_WAIT = 5.0
 _NAME_MAX = 255 - len(".log")
-
-_log = logging.getLogger("wirebus.launcher")
 
 
 @dataclass(frozen=True)
@@ -106,6 +98,18 @@ def _check_env(name: str, env: Mapping[str, str]) -> None:
             raise ValueError(f"env of service {name!r}: the value of {key!r} contains NUL")
 
 
+def _check_specs(specs: Sequence[ServiceSpec]) -> None:
+    """Every check of :meth:`ServiceLauncher.start` that comes before spawning anything."""
+    seen: set[str] = set()
+    for spec in specs:
+        if not isinstance(spec, ServiceSpec):
+            raise TypeError(f"expected ServiceSpec, got {spec!r}")
+        if spec.name in seen:
+            raise ValueError(f"duplicate service name {spec.name!r}")
+        seen.add(spec.name)
+        _check_spawnable(spec)
+
+
 def _check_spawnable(spec: ServiceSpec) -> None:
     """``ServiceStartupError`` naming the field when ``spec`` could only fail at spawn time."""
     if spec.cwd is not None and not os.path.isdir(spec.cwd):
@@ -123,15 +127,6 @@ def _check_spawnable(spec: ServiceSpec) -> None:
             f"program (PATH {search_path!r})",
             name=spec.name,
         ) from FileNotFoundError(errno.ENOENT, "no such executable program", spec.argv[0])
-
-
-class _Service(Process):
-    """A spawned service: its spec, process, pidfd and log file."""
-
-    def __init__(self, spec: ServiceSpec, popen: subprocess.Popen[bytes], log_path: str) -> None:
-        super().__init__(popen)
-        self.spec = spec
-        self.log_path = log_path
 
 
 def _log_tail(path: str, lines: int) -> str:
@@ -176,27 +171,21 @@ class ServiceLauncher(Resource):
     ) -> None:
         self._ready_timeout = positive_timeout("ready_timeout", ready_timeout)
         self._stop_timeout = positive_timeout("stop_timeout", stop_timeout)
-        self._log_dir = None if log_dir is None else os.fspath(log_dir)
-        self._owns_log_dir = False
-        self._services: dict[str, _Service] = {}
+        self._launch = Launch(None if log_dir is None else os.fspath(log_dir), self._stop_timeout)
         self._state = State.NEW
         self._start_task: asyncio.Task[Any] | None = None
         self._receiver: ReadyCheckReceiver | None = None
-        self._death_read: int | None = None
-        self._death_write: int | None = None
-        self._watchdog: Process | None = None
-        self._marker = secrets.token_hex(8)
         self._returncodes: dict[str, int] = {}
         self._stopped = asyncio.Event()
 
     @property
     def pids(self) -> dict[str, int]:
         """The process id of each service started so far (each also leads its process group)."""
-        return {name: service.pid for name, service in self._services.items()}
+        return {name: service.pid for name, service in self._launch.services.items()}
 
     def log_path(self, name: str) -> str:
         """The log file of service ``name`` (its stdout and stderr); ``KeyError`` if unknown."""
-        service = self._services.get(name)
+        service = self._launch.services.get(name)
         if service is None:
             raise KeyError(f"no service named {name!r} was started (known: {sorted(self.pids)})")
         return service.log_path
@@ -215,25 +204,25 @@ class ServiceLauncher(Resource):
         if self._state is not State.NEW:
             raise RuntimeError(f"a launcher starts once; this one is {self._state.value}")
         specs = tuple(specs)
-        seen: set[str] = set()
-        for spec in specs:
-            if not isinstance(spec, ServiceSpec):
-                raise TypeError(f"expected ServiceSpec, got {spec!r}")
-            if spec.name in seen:
-                raise ValueError(f"duplicate service name {spec.name!r}")
-            seen.add(spec.name)
-            _check_spawnable(spec)
+        _check_specs(specs)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._ready_timeout
         self._state = State.STARTING
         self._start_task = asyncio.current_task()
         try:
             tokens = {spec.name: secrets.token_hex(16) for spec in specs}
-            receiver, log_dir = self._open(tokens)
+            self._launch.open()
+            self._receiver = receiver = ReadyCheckReceiver(token=tokens)
             for spec in specs:
-                self._spawn(spec, tokens[spec.name], receiver.address, log_dir)
-            self._spawn_watchdog()
-            self._close_death_read()
+                env = {
+                    **(spec.env or {}),
+                    READY_ADDRESS_ENV: receiver.address,
+                    READY_TOKEN_ENV: tokens[spec.name],
+                    SERVICE_NAME_ENV: spec.name,
+                }
+                self._launch.spawn(spec.name, spec.argv, env, spec.cwd)
+            ready_dir = os.path.dirname(receiver.address.removeprefix("ipc://"))
+            self._launch.watch([ready_dir] if receiver.owns_address else [])
             ready = await self._wait_ready(loop, receiver, deadline)
         except BaseException:
             await self._shutdown(self._stop_timeout)
@@ -243,110 +232,18 @@ class ServiceLauncher(Resource):
         self._state = State.OPEN
         return {spec.name: ready[spec.name] for spec in specs}
 
-    def _open(self, tokens: Mapping[str, str]) -> tuple[ReadyCheckReceiver, str]:
-        """Make the log dir, the ready receiver and the death pipe."""
-        if self._log_dir is None:
-            self._log_dir = tempfile.mkdtemp(prefix="wirebus-logs-", dir=_paths.temp_dir())
-            self._owns_log_dir = True
-        else:
-            os.makedirs(self._log_dir, exist_ok=True)
-        self._receiver = ReadyCheckReceiver(token=tokens)
-        self._death_read, self._death_write = os.pipe()
-        return self._receiver, self._log_dir
-
-    def _spawn(self, spec: ServiceSpec, token: str, address: str, log_dir: str) -> None:
-        assert self._death_read is not None
-        env = {
-            **os.environ,
-            **(spec.env or {}),
-            READY_ADDRESS_ENV: address,
-            READY_TOKEN_ENV: token,
-            SERVICE_NAME_ENV: spec.name,
-            DEATH_FD_ENV: str(self._death_read),
-            _watchdog.LAUNCH_ENV: self._marker,
-        }
-        log_path = os.path.join(log_dir, f"{spec.name}.log")
-        with open(log_path, "wb") as log:
-            try:
-                popen = subprocess.Popen(
-                    spec.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=spec.cwd,
-                    start_new_session=True,
-                    pass_fds=(self._death_read,),
-                )
-            except OSError as exc:
-                raise ServiceStartupError(
-                    f"cannot start service {spec.name!r} ({list(spec.argv)!r}): {exc}",
-                    name=spec.name,
-                ) from exc
-        try:
-            self._services[spec.name] = _Service(spec, popen, log_path)
-        except BaseException:
-            popen.kill()
-            popen.wait()
-            raise
-
-    def _spawn_watchdog(self) -> None:
-        """Start the process that ends the launch if this process dies, even by SIGKILL.
-
-        Services written with :func:`~wirebus.run_service` also watch the death pipe
-        themselves; the watchdog covers every other service (and every process of the launch),
-        then removes the log and ready-socket directories this launcher made.
-        """
-        if not self._services:
-            return
-        directories = []
-        if self._owns_log_dir and self._log_dir is not None:
-            directories.append(self._log_dir)
-        if self._receiver is not None and self._receiver.owns_address:
-            directories.append(os.path.dirname(self._receiver.address.removeprefix("ipc://")))
-        pids = ",".join(str(service.pid) for service in self._services.values())
-        popen = subprocess.Popen(
-            [
-                sys.executable,
-                "-I",
-                "-S",
-                _watchdog.__file__,
-                str(self._stop_timeout),
-                self._marker,
-                pids,
-                *directories,
-            ],
-            stdin=self._death_read,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            self._watchdog = Process(popen)
-        except BaseException:
-            popen.kill()
-            popen.wait()
-            raise
-
-    def _close_death_read(self) -> None:
-        if self._death_read is not None:
-            os.close(self._death_read)
-            self._death_read = None
-
     async def _wait_ready(
         self, loop: asyncio.AbstractEventLoop, receiver: ReadyCheckReceiver, deadline: float
     ) -> dict[str, ReadySignal]:
-        names = frozenset(self._services)
+        names = frozenset(self._launch.services)
         ready: dict[str, ReadySignal] = {}
-        exited: asyncio.Future[_Service] = loop.create_future()
+        exited: asyncio.Future[Service] = loop.create_future()
 
-        def on_exit(service: _Service) -> None:
-            loop.remove_reader(service.pidfd)
+        def on_exit(service: Service) -> None:
             if not exited.done():
                 exited.set_result(service)
 
-        for service in self._services.values():
-            loop.add_reader(service.pidfd, on_exit, service)
-        try:
+        with watching_exits(loop, self._launch.services.values(), on_exit):
             while len(ready) < len(names):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -365,23 +262,18 @@ class ServiceLauncher(Resource):
                 except TimeoutError:
                     raise self._not_ready_error(names, ready) from None
                 ready[signal_.identity] = signal_  # the receiver checked identity and token
-        finally:
-            for service in self._services.values():
-                loop.remove_reader(service.pidfd)
         return ready
 
     async def _exit_error(
-        self, loop: asyncio.AbstractEventLoop, service: _Service, ready: Mapping[str, Any]
+        self, loop: asyncio.AbstractEventLoop, service: Service, ready: Mapping[str, Any]
     ) -> ServiceStartupError:
         returncode = await collect_status(loop, service)
         tail = _log_tail(service.log_path, _LOG_TAIL_LINES)
-        when = "after it reported ready" if service.spec.name in ready else "before it was ready"
-        message = f"service {service.spec.name!r} {_describe_exit(returncode)} {when}"
+        when = "after it reported ready" if service.name in ready else "before it was ready"
+        message = f"service {service.name!r} {_describe_exit(returncode)} {when}"
         if tail:
             message += f"; the last lines of its output:\n{tail}"
-        return ServiceStartupError(
-            message, name=service.spec.name, returncode=returncode, log_tail=tail
-        )
+        return ServiceStartupError(message, name=service.name, returncode=returncode, log_tail=tail)
 
     def _not_ready_error(
         self, names: frozenset[str], ready: Mapping[str, Any]
@@ -391,7 +283,7 @@ class ServiceLauncher(Resource):
             f"services not ready within {self._ready_timeout} s: {missing} (ready: {sorted(ready)})"
         ]
         for name in missing:
-            tail = _log_tail(self._services[name].log_path, _TIMEOUT_TAIL_LINES)
+            tail = _log_tail(self._launch.services[name].log_path, _TIMEOUT_TAIL_LINES)
             if tail:
                 parts.append(f"the last lines of {name!r}:\n{tail}")
         return ReadyTimeoutError("\n".join(parts), missing=missing)
@@ -439,87 +331,27 @@ class ServiceLauncher(Resource):
             return
         self._state = State.CLOSING
         try:
-            self._end_blocking(self._stop_timeout)
+            self._launch.end_blocking(self._stop_timeout)
         finally:
             self._release()
 
     async def _shutdown(self, total: float) -> dict[str, int]:
         self._state = State.CLOSING
         try:
-            await self._terminate(total)
+            await self._launch.end(total)
         except BaseException:
-            self._end_blocking(0)
+            self._launch.end_blocking(0)
             raise
         finally:
             self._release()
         return dict(self._returncodes)
 
-    def _sweep(self) -> _watchdog.Sweep:
-        return _watchdog.Sweep((service.pid for service in self._services.values()), self._marker)
-
-    async def _terminate(self, total: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + total
-        if self._watchdog is not None:
-            self._watchdog.popen.kill()
-        services = list(self._services.values())
-        sweep = self._sweep()
-        try:
-            with child_subreaper():
-                sweep.signal(signal.SIGTERM)
-                await wait_exits(loop, services, deadline)
-                await until_gone(loop, sweep, deadline)
-                sweep.signal(signal.SIGKILL)
-                children = self._children()
-                await wait_exits(loop, children, loop.time() + _KILL_WAIT)
-                for child in children:
-                    await collect_status(loop, child)
-                    child.popen.poll()
-                await until_gone(loop, sweep, loop.time() + _KILL_WAIT)
-                sweep.reap(keep=(child.pid for child in children))
-        finally:
-            sweep.close()
-
-    def _end_blocking(self, grace: float) -> None:
-        """SIGTERM the launch, wait up to ``grace`` s, SIGKILL what is left; reap, blocking."""
-        if self._watchdog is not None:
-            self._watchdog.popen.kill()
-        sweep = self._sweep()
-        try:
-            with child_subreaper():
-                _watchdog.end(sweep, grace)
-                children = self._children()
-                for child in children:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        child.popen.wait(_KILL_WAIT)
-                sweep.reap(keep=(child.pid for child in children))
-        finally:
-            sweep.close()
-
-    def _children(self) -> list[Process]:
-        children: list[Process] = list(self._services.values())
-        if self._watchdog is not None:
-            children.append(self._watchdog)
-        return children
-
     def _release(self) -> None:
-        for name, service in self._services.items():
-            if service.popen.returncode is None:
-                _log.error("service %r (pid %d) could not be reaped", name, service.pid)
-            else:
-                self._returncodes[name] = service.popen.returncode
-        for child in self._children():
-            os.close(child.pidfd)
+        self._returncodes.update(self._launch.release())
         if self._receiver is not None:
             self._receiver.close()
-        self._close_death_read()
-        if self._death_write is not None:
-            os.close(self._death_write)
-            self._death_write = None
-        if self._owns_log_dir and self._log_dir is not None:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
         self._state = State.CLOSED
         self._stopped.set()
 
     def __repr__(self) -> str:
-        return f"<ServiceLauncher {self._state.value} {sorted(self._services)}>"
+        return f"<ServiceLauncher {self._state.value} {sorted(self._launch.services)}>"

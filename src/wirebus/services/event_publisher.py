@@ -30,7 +30,12 @@ from wirebus.record import (
 )
 from wirebus.transport import PublisherStats, ZmqMessagePublisher
 
-__all__ = ["EventPublisherService"]
+__all__ = ["REPLAY_ITEMS", "EventPublisherService"]
+
+REPLAY_ITEMS = 100_000
+"""Records of each event type an :class:`EventPublisherService` keeps for replay by default:
+about 6.5 MB per type of 65-byte records (the publisher's ``replay_bytes``, 64 MiB per type,
+caps it too), and what lets a restarted event logger or aggregator miss nothing."""
 
 
 class EventPublisherService(Resource):
@@ -40,17 +45,32 @@ class EventPublisherService(Resource):
     given, and returns at once (see :meth:`ZmqMessagePublisher.publish`). ``bind=False``
     connects to a bound subscriber instead (several load processes feeding one aggregator).
     ``address`` is the endpoint actually bound; ``published`` counts the records emitted.
-    Close it with :meth:`close` / :meth:`aclose` or use it as a context manager (``with`` or
-    ``async with``): what was published is sent first.
+    ``replay`` records of each event type (default :data:`REPLAY_ITEMS`; ``0``: off) are kept
+    for subscribers that missed them, served on ``replay_address`` (picked next to
+    ``address`` unless given; see :class:`~wirebus.ZmqMessagePublisher`). Close it with
+    :meth:`close` / :meth:`aclose` or use it as a context manager (``with`` or ``async with``):
+    what was published is sent first.
     """
 
     def __init__(
-        self, address: str, *, bind: bool = True, context: zmq.Context[Any] | None = None
+        self,
+        address: str,
+        *,
+        bind: bool = True,
+        context: zmq.Context[Any] | None = None,
+        replay: int = REPLAY_ITEMS,
+        replay_address: str | None = None,
     ) -> None:
         self._publisher = ZmqMessagePublisher(
-            EventRecordCodec(), address, bind=bind, context=context
+            EventRecordCodec(),
+            address,
+            bind=bind,
+            context=context,
+            replay=replay,
+            replay_address=replay_address,
         )
         self.address = self._publisher.address
+        self.replay_address = self._publisher.replay_address
         self.published = 0
 
     @property

@@ -1,7 +1,7 @@
 """Metrics aggregator: turns a benchmark's event records into metrics in a KV store.
 
     python -m wirebus.services.metrics_aggregator --address ADDRESS [--store PATH]
-        [--snapshot-address ADDRESS] [--snapshot-rate HZ]
+        [--snapshot-address ADDRESS] [--snapshot-rate HZ] [--history N]
 
 It subscribes to every event at ``ADDRESS``, keeps the metrics below in a
 :class:`~wirebus.BasicKVStore` (a fresh one under /dev/shm unless ``--store`` names the path)
@@ -9,11 +9,12 @@ and publishes a :class:`MetricsSnapshot` several times a second on a conflating 
 live views that only want the newest numbers. Its ready info carries ``kvstore`` (the store's
 path) and ``snapshot_address``.
 
-Only samples issued while performance tracking is on (between ``START_PERFORMANCE_TRACKING``
-and ``STOP_PERFORMANCE_TRACKING``, in arrival order) count toward the ``perf_*`` metrics and
-the latency series; warm-up samples count only in the totals. Timings come from the events'
-own timestamps, so chunks that arrive out of order are measured correctly: a sample's metrics
-are computed when it completes, from its sorted chunk times.
+It subscribes with ``recover=True``: items an hwm drop or a reconnect cost are fetched again
+from the publisher's replay buffer. With ``--history`` (default
+:data:`~wirebus.services.event_publisher.REPLAY_ITEMS`) it also fetches, from each publisher,
+what was published before it joined, in the order sent, so an aggregator started late, or
+restarted on a fresh store, computes the metrics of the whole run while the run still fits in
+the buffer (what did not fit is counted in its subscriber's ``stats.dropped``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from wirebus.record import (
 from wirebus.service import ServiceContext, run_service
 from wirebus.services import drain
 from wirebus.services._base import HandlerSubscriber
+from wirebus.services.event_publisher import REPLAY_ITEMS
 from wirebus.transport import ZmqMessagePublisher
 
 __all__ = [
@@ -295,7 +297,9 @@ async def _serve(service: ServiceContext, args: argparse.Namespace) -> None:
         snapshots = ZmqMessagePublisher(
             MetricsSnapshotCodec(), snapshot_address, conflate=True, linger=0
         )
-        events = HandlerSubscriber(EventRecordCodec(), args.address, aggregator.handle)
+        events = HandlerSubscriber(
+            EventRecordCodec(), args.address, aggregator.handle, recover=True, history=args.history
+        )
         try:
             await events.start()
             service.ready({"kvstore": str(store.path), "snapshot_address": snapshots.address})
@@ -327,9 +331,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", help="KV store path (default: a fresh one under /dev/shm)")
     parser.add_argument("--snapshot-address", help="where to publish MetricsSnapshot")
     parser.add_argument("--snapshot-rate", type=float, default=4.0, help="snapshots per second")
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=REPLAY_ITEMS,
+        help="items of history to fetch from each publisher on its first message",
+    )
     args = parser.parse_args(argv)
     if args.snapshot_rate <= 0:
         parser.error(f"--snapshot-rate must be > 0, got {args.snapshot_rate}")
+    if args.history < 0:
+        parser.error(f"--history must be >= 0, got {args.history}")
 
     async def serve(service: ServiceContext) -> None:
         await _serve(service, args)

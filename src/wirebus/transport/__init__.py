@@ -8,13 +8,14 @@ publisher's id and per-topic sequence numbers, so a subscriber counts what the t
 dropped (``stats.dropped``).
 
 Behind this module: ``_wire`` (the bytes of a message, docs/wire-format.md), ``_socket``
-(socket set-up and release for both sides), ``_publisher`` and ``_sender`` (``publish()`` and
-who sends), ``_subscriber`` and ``_decoder`` (reading, and frames to items), ``_replay`` (the
-publisher's replay buffer and endpoint) and ``_recovery`` (a subscriber fetching what it missed).
+(socket set-up and release for both sides), ``_publisher``, ``_intake``, ``_sender`` and
+``_sendstep`` (``publish()``, what it accepts, who sends, how a run is sent), ``_subscriber``
+and ``_decoder`` (reading, and frames to items), ``_replay`` (the publisher's replay buffer and
+endpoint) and ``_recovery`` (a subscriber fetching what it missed).
 """
 
 from wirebus.transport._base import MessagePublisher, MessageSubscriber
-from wirebus.transport._decoder import SubscriberStats
+from wirebus.transport._decoder import Position, SubscriberStats
 from wirebus.transport._publisher import PublisherStats, ZmqMessagePublisher
 from wirebus.transport._subscriber import ZmqMessageSubscriber
 from wirebus.transport._wire import WIRE_VERSION
@@ -23,6 +24,7 @@ __all__ = [
     "WIRE_VERSION",
     "MessagePublisher",
     "MessageSubscriber",
+    "Position",
     "PublisherStats",
     "SubscriberStats",
     "ZmqMessagePublisher",

@@ -9,13 +9,13 @@ could make counts as a new incarnation rather than as items dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import msgspec
 
-from wirebus.codec import MessageCodec, run_decoder_of
+from wirebus.codec import TOPIC_FRAME_SIZE, MessageCodec, run_decoder_of
 from wirebus.transport import _wire
 from wirebus.transport._base import RateLimitedLog
 
@@ -29,6 +29,8 @@ MAX_GAP = 2**32
 
 _split_run = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
 Failure = tuple[Exception, bytes | None]
+Position = dict[tuple[int, bytes], int]
+"""Per (publisher id, topic): the sequence number of the next item due from that publisher."""
 
 
 @dataclass
@@ -40,8 +42,10 @@ class SubscriberStats:
     publisher's replay buffer, ``decode_errors`` payloads the codec rejected,
     ``process_errors`` failed ``process()`` calls, ``malformed`` ZMQ messages that are not in
     the wirebus wire format, ``resets`` sequence jumps too large to be drops (a forged frame or
-    a publisher's new incarnation), ``disconnects`` connections lost and ``handshake_failures``
-    connections refused (each logged; a connecting subscriber connects anew).
+    a publisher's new incarnation), ``duplicates`` items that arrived again after a replay had
+    delivered them (skipped, not in ``received``), ``disconnects`` connections lost and
+    ``handshake_failures`` connections refused (each logged; a connecting subscriber connects
+    anew).
     """
 
     received: int = 0
@@ -51,6 +55,7 @@ class SubscriberStats:
     process_errors: int = 0
     malformed: int = 0
     resets: int = 0
+    duplicates: int = 0
     disconnects: int = 0
     handshake_failures: int = 0
     messages: int = 0
@@ -84,13 +89,20 @@ class FrameDecoder(Generic[T]):
             stats.malformed += 1
             failures.append((ValueError(f"malformed message of {len(frame)} bytes: {exc}"), frame))
             return
-        self._count(header)
+        seen = self._count(header)
+        if seen:
+            stats.duplicates += seen
+            if seen == header.items:
+                return
+            if decoded is not None:
+                decoded = decoded[seen:]
+            payloads = payloads[seen:]
         if self._conflate and header.items > 1:  # only the newest item of the message
             stats.dropped += header.items - 1
             if decoded is not None:
                 decoded = decoded[-1:]
             payloads = payloads[-1:]
-        stats.received += 1 if self._conflate else header.items
+        stats.received += 1 if self._conflate else header.items - seen
         if decoded is not None:
             items.extend(decoded)
             return
@@ -119,39 +131,47 @@ class FrameDecoder(Generic[T]):
         pair is not tracked (never heard, or forgotten)."""
         return self._next_seq.get((publisher, topic))
 
-    def skip_to(self, publisher: int, topic: bytes, seq: int, dropped: int) -> None:
-        """Expect ``seq`` next from ``publisher`` on ``topic``, counting ``dropped`` items
-        missed (what a recovery could not fetch)."""
-        key = (publisher, topic)
-        table = self._next_seq
-        table.pop(key, None)
-        if len(table) >= MAX_TRACKED:
-            del table[next(iter(table))]
-        table[key] = seq
-        self._stats.dropped += dropped
+    def position(self) -> Position:
+        """A copy of the table: the next sequence number due per (publisher, topic)."""
+        return dict(self._next_seq)
 
-    def decode_replayed(
-        self,
-        frame: bytes,
-        header: _wire.Frame,
-        lo: int,
-        hi: int,
-        items: list[T],
-        failures: list[Failure],
-    ) -> None:
-        """Append the items of a replayed ``frame`` numbered ``lo`` up to ``hi``; count them
-        as received and recovered. ``ValueError`` when its body is malformed."""
-        skip = max(0, lo - header.first)
-        keep = min(header.items, hi - header.first) - skip
-        if keep <= 0:
-            return
-        decoded, payloads = self._split(frame, header)
-        self._stats.received += keep
-        self._stats.recovered += keep
-        if decoded is not None:
-            items.extend(decoded[skip : skip + keep])
-        else:
-            self._decode_payloads(payloads[skip : skip + keep], items, failures)
+    def resume(self, position: Mapping[tuple[int, bytes], int]) -> None:
+        """Expect, per (publisher, topic) of ``position``, its sequence number next (as if
+        everything before it had arrived). ``ValueError`` naming an entry that cannot be one."""
+        for key, seq in position.items():
+            if not (
+                isinstance(key, tuple)
+                and len(key) == 2
+                and isinstance(key[0], int)
+                and 0 <= key[0] < 2**64
+                and isinstance(key[1], bytes)
+                and len(key[1]) == TOPIC_FRAME_SIZE
+                and isinstance(seq, int)
+                and 0 <= seq < 2**64
+            ):
+                raise ValueError(
+                    f"resume maps (publisher id, {TOPIC_FRAME_SIZE}-byte topic) to a "
+                    f"sequence number >= 0, got {key!r}: {seq!r}"
+                )
+        table = self._next_seq
+        for key, seq in position.items():
+            table.pop(key, None)
+            if len(table) >= MAX_TRACKED:
+                del table[next(iter(table))]
+            table[key] = seq
+
+    def topics_of(self, publisher: int) -> dict[bytes, int]:
+        """The next sequence number due from ``publisher`` on each of its topics tracked."""
+        return {topic: seq for (p, topic), seq in self._next_seq.items() if p == publisher}
+
+    def decode_replayed(self, frame: bytes, items: list[T], failures: list[Failure]) -> None:
+        """:meth:`decode` a message a publisher's replay endpoint sent, counting its items as
+        recovered (and not as a message of the subscriber's socket)."""
+        stats = self._stats
+        before = stats.received
+        self.decode(frame, items, failures)
+        stats.messages -= 1
+        stats.recovered += stats.received - before
 
     def _split(self, frame: bytes, header: _wire.Frame) -> tuple[list[T] | None, list[memoryview]]:
         """The items decoded in one call, or ``None`` and the payloads to decode one by one.
@@ -182,8 +202,10 @@ class FrameDecoder(Generic[T]):
             raise ValueError(f"the run holds {len(raws)} items, the header says {count}")
         return None, [memoryview(raw) for raw in raws]
 
-    def _count(self, header: _wire.Frame) -> None:
-        """Update the expected sequence number of the frame's publisher and topic."""
+    def _count(self, header: _wire.Frame) -> int:
+        """Update the expected sequence number of the frame's publisher and topic; return how
+        many of its first items were delivered already (a message behind what a replay
+        delivered), to be skipped."""
         key = (header.publisher, header.topic)
         table = self._next_seq
         expected = table.pop(key, None)  # re-inserted below: the table is least recently used
@@ -192,8 +214,12 @@ class FrameDecoder(Generic[T]):
             if len(table) >= MAX_TRACKED:
                 del table[next(iter(table))]
         gap = header.first - expected
+        end = header.first + header.items
         if 0 < gap <= MAX_GAP:
             self._stats.dropped += gap
+        elif -MAX_GAP <= gap < 0:
+            table[key] = max(expected, end)
+            return min(header.items, -gap)
         elif gap:
             self._stats.resets += 1
             self._log(
@@ -201,7 +227,8 @@ class FrameDecoder(Generic[T]):
                 f"publisher {header.publisher:#x} topic {_show(header.topic)}: sequence number "
                 f"{header.first} where {expected} was due; counted as a reset, not as drops",
             )
-        table[key] = header.first + header.items
+        table[key] = end
+        return 0
 
 
 def _show(topic: bytes) -> str:

@@ -1,6 +1,7 @@
 """The ZeroMQ publisher: ``publish()`` checks and queues, a state for its life, closing.
 
-Who sends the queue is :mod:`~wirebus.transport._sender`'s business (the publisher is a
+What ``publish()`` accepts and the entry it queues is :mod:`~wirebus.transport._intake`'s
+business, who sends the queue :mod:`~wirebus.transport._sender`'s (the publisher is a
 :class:`~wirebus.transport._sender.Dispatcher`), how a run becomes a message
 :mod:`~wirebus.transport._sendstep`'s.
 """
@@ -16,7 +17,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import zmq
 
@@ -25,14 +26,12 @@ from wirebus.codec import (
     MessageCodec,
     check_codec,
     run_encoding_of,
-    type_name,
 )
 from wirebus.security import CurveClient, CurveServer
-from wirebus.transport import _wire
-from wirebus.transport._base import MessagePublisher, RateLimitedLog, logger, safe_repr
-from wirebus.transport._replay import ReplayBuffer, ReplayServer, default_address
-from wirebus.transport._sender import LOOP, Dispatcher
-from wirebus.transport._sendstep import Entry, SendStep
+from wirebus.transport import _intake, _replay, _wire
+from wirebus.transport._base import MessagePublisher, RateLimitedLog, safe_repr
+from wirebus.transport._sender import LOOP, Dispatcher, time_left
+from wirebus.transport._sendstep import SendStep
 from wirebus.transport._socket import OwnedSocket
 
 T = TypeVar("T")
@@ -137,18 +136,11 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         replay_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         check_codec(codec)
-        if not isinstance(linger, int) or linger < -1:
-            raise ValueError(f"linger must be -1 (wait forever) or >= 0 ms, got {linger!r}")
-        if not isinstance(sndhwm, int) or sndhwm < 0:
-            raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm!r}")
-        if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
-            raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
-        _check_replay(replay, replay_bytes, conflate, curve)
+        _check_settings(linger, sndhwm, max_batch_bytes)
+        _replay.check_settings(replay, replay_bytes, conflate, curve)
         self.codec = codec
-        run_encoding = run_encoding_of(codec)
-        self._topic_of = run_encoding.topic if run_encoding is not None else None
-        self._item_type = run_encoding.item_type if run_encoding is not None else None
-        self._fixed_topic = run_encoding.fixed_topic if run_encoding is not None else None
+        self._run_encoding = run_encoding = run_encoding_of(codec)
+        self._topic_of, self._item_type, self._fixed_topic = _intake.shortcuts(run_encoding)
         self._linger = linger
         self.publisher_id = int.from_bytes(os.urandom(8), "little")
         self._published = 0
@@ -156,36 +148,15 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         self._failure: Exception | None = None
         self._state_lock = threading.Lock()
         self._error_log = RateLimitedLog()
-        self._owned = OwnedSocket(
-            zmq.XPUB,
-            address,
-            bind=bind,
-            context=context,
-            private_context=not address.startswith("inproc://"),
-            options=[
-                (zmq.SNDHWM, sndhwm),
-                (zmq.IMMEDIATE, int(immediate)),
-                (zmq.XPUB_VERBOSE, 1),
-                (zmq.XPUB_VERBOSER, 1),
-                (zmq.LINGER, linger),
-            ],
-            curve=curve,
-            heartbeat=heartbeat,
-            allow_any_interface=allow_any_interface,
-            owner=f"publisher for {address}",
+        self._owned = _xpub(
+            address, bind, context, sndhwm, linger, immediate, curve, heartbeat, allow_any_interface
         )
         self.address = self._owned.address
-        self._replay: ReplayServer | None = None
+        self._replay: _replay.ReplayServer | None = None
         if replay:
             try:
-                self._replay = ReplayServer(
-                    ReplayBuffer(replay, replay_bytes),
-                    replay_address or default_address(self.address, bind, self.publisher_id),
-                    context=self._owned.context if address.startswith("inproc://") else None,
-                    curve=curve,
-                    heartbeat=heartbeat,
-                    allow_any_interface=allow_any_interface,
-                    owner=f"publisher for {self.address}",
+                self._replay = _replay.ReplayServer.next_to(
+                    self._owned, replay_address, bind, self.publisher_id, replay, replay_bytes
                 )
             except BaseException:
                 self._owned.close(linger=0)
@@ -228,16 +199,16 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             raise self._refusal("publish()")
         item_type = self._item_type
         if item_type is not None and item.__class__ is not item_type:
-            self._check_type(item)
+            _intake.check_type(self.codec, item_type, item)
         topic = self._fixed_topic
         if topic is None:
             topic_of = self._topic_of
             if topic_of is None:
-                topic, item = self._encode_now(item)
+                topic, item = _intake.encode_now(self.codec, item)
             else:
                 topic = topic_of(item)
                 if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-                    raise _bad_topic(self.codec, item, topic)
+                    raise _intake.bad_topic(self.codec, item, topic)
         queue = self._queue
         queue.append((topic, item))
         self._published += 1
@@ -253,23 +224,7 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         a bad item leaves none of them queued."""
         if self._state is not _OPEN:
             raise self._refusal("publish_many()")
-        topic_of = self._topic_of
-        if topic_of is None:
-            entries = [self._encode_now(item) for item in items]
-        else:
-            items = list(items)
-            if self._item_type is not None:
-                for item in items:
-                    if item.__class__ is not self._item_type:
-                        self._check_type(item)
-            fixed = self._fixed_topic
-            if fixed is not None:
-                entries = [(fixed, item) for item in items]
-            else:
-                entries = [(topic_of(item), item) for item in items]
-                for topic, item in entries:
-                    if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-                        raise _bad_topic(self.codec, item, topic)
+        entries = _intake.entries(self.codec, self._run_encoding, items)
         if not entries:
             return
         queue = self._queue
@@ -281,37 +236,6 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
             self._schedule()
         elif not self._writer.ticking:
             self._wait_for_the_loop()
-
-    def _check_type(self, item: object) -> None:
-        if not isinstance(item, cast(type, self._item_type)):
-            raise TypeError(
-                f"{safe_repr(self.codec)} encodes {type_name(self._item_type)}, got "
-                f"{type(item).__name__}: {safe_repr(item)}"
-            )
-
-    def _encode_now(self, item: T) -> Entry:
-        """Encode with a codec that has no run encoding, checking what it returned."""
-        entry: object = self.codec.encode(item)
-        try:
-            topic, payload = cast("tuple[object, object]", entry)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{safe_repr(self.codec)} encoded {safe_repr(item)} as {safe_repr(entry)}, "
-                "not a (topic, payload) pair"
-            ) from None
-        if topic.__class__ is not bytes or len(topic) != TOPIC_FRAME_SIZE:
-            raise _bad_topic(self.codec, item, topic)
-        if payload.__class__ is not bytes:
-            if isinstance(payload, memoryview):
-                payload = payload.tobytes()  # its bytes, whatever its item size
-            elif isinstance(payload, bytearray):
-                payload = bytes(payload)
-            else:
-                raise TypeError(
-                    f"{safe_repr(self.codec)} encoded {safe_repr(item)} with a payload of type "
-                    f"{type(payload).__name__}; payloads must be bytes-like"
-                )
-        return topic, payload
 
     def on_error(self, exc: BaseException, item: T) -> None:
         """Called on the sending thread for an item that failed to encode in the send step.
@@ -374,32 +298,11 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         if not self._set_state(_State.CLOSING, only_from=(_OPEN, _State.FAILED)):
             return
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-
-        def remaining() -> float:
-            return -1 if deadline is None else max(0.0, deadline - time.monotonic())
-
         try:
-            if not self._writer.stop(None if deadline is None else remaining()):
-                logger.warning("%s: the writer thread ends after close()", safe_repr(self))
-            if not self._send_lock.acquire(timeout=remaining()):
-                self._handed_close = True  # the thread sending now closes the socket after
-                self._close_handed(wait=False)  # unless it finished meanwhile
-                logger.warning("%s: a send outlived close()'s timeout", safe_repr(self))
-                return
-            try:
-                self._send_locked(deadline)
-                if self._queue:
-                    logger.warning("%s: %d item(s) not sent", safe_repr(self), len(self._queue))
-                linger = self._linger
-                if deadline is not None:
-                    budget = int(remaining() * 1000)
-                    linger = budget if linger < 0 else min(linger, budget)
-                self._owned.close(linger)
-            finally:
-                self._send_lock.release()
+            self._stop_sending(deadline, self._linger)
         finally:
             if self._replay is not None:  # whatever became of the main socket
-                self._replay.close(None if deadline is None else remaining())
+                self._replay.close(time_left(deadline))
             self._set_state(_State.CLOSED, only_from=_State.CLOSING)
             self._settle_flushes(closed=True)
             _live_publishers.discard(self)
@@ -408,29 +311,44 @@ class ZmqMessagePublisher(Dispatcher, MessagePublisher[T]):
         self._owned.close(linger)
 
 
-def _check_replay(
-    replay: int, replay_bytes: int, conflate: bool, curve: CurveServer | CurveClient | None
-) -> None:
-    if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
-        raise ValueError(f"replay must be an int >= 0 items (0: off), got {replay!r}")
-    if isinstance(replay_bytes, bool) or not isinstance(replay_bytes, int) or replay_bytes < 1:
-        raise ValueError(f"replay_bytes must be an int >= 1, got {replay_bytes!r}")
-    if replay and conflate:
-        raise ValueError("replay with conflate=True: a conflating publisher skips items on purpose")
-    if replay and isinstance(curve, CurveClient):
-        raise ValueError(
-            "replay on a CURVE client publisher: its replay endpoint would need server keys of "
-            "its own; bind the publisher as the CurveServer, or leave replay off"
-        )
+def _check_settings(linger: int, sndhwm: int, max_batch_bytes: int) -> None:
+    if not isinstance(linger, int) or linger < -1:
+        raise ValueError(f"linger must be -1 (wait forever) or >= 0 ms, got {linger!r}")
+    if not isinstance(sndhwm, int) or sndhwm < 0:
+        raise ValueError(f"sndhwm must be >= 0 (0: no limit), got {sndhwm!r}")
+    if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
+        raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes!r}")
 
 
-def _bad_topic(codec: object, item: object, topic: object) -> Exception:
-    if not isinstance(topic, bytes):
-        return TypeError(
-            f"{safe_repr(codec)} gave {safe_repr(item)} the topic {safe_repr(topic)} of type "
-            f"{type(topic).__name__}; topics are bytes (use make_topic)"
-        )
-    return ValueError(
-        f"{safe_repr(codec)} gave {safe_repr(item)} the topic {topic!r} of {len(topic)} bytes; "
-        f"topics must be exactly TOPIC_FRAME_SIZE ({TOPIC_FRAME_SIZE}) bytes (use make_topic)"
+def _xpub(
+    address: str,
+    bind: bool,
+    context: zmq.Context[Any] | None,
+    sndhwm: int,
+    linger: int,
+    immediate: bool,
+    curve: CurveServer | CurveClient | None,
+    heartbeat: int,
+    allow_any_interface: bool,
+) -> OwnedSocket:
+    """The publisher's XPUB socket; verbose, so that every subscription reaches the count
+    (``wait_for_subscribers``). A private context unless inproc (which needs the peer's), so
+    that closing it waits for delivery."""
+    return OwnedSocket(
+        zmq.XPUB,
+        address,
+        bind=bind,
+        context=context,
+        private_context=not address.startswith("inproc://"),
+        options=[
+            (zmq.SNDHWM, sndhwm),
+            (zmq.IMMEDIATE, int(immediate)),
+            (zmq.XPUB_VERBOSE, 1),
+            (zmq.XPUB_VERBOSER, 1),
+            (zmq.LINGER, linger),
+        ],
+        curve=curve,
+        heartbeat=heartbeat,
+        allow_any_interface=allow_any_interface,
+        owner=f"publisher for {address}",
     )

@@ -1,23 +1,26 @@
 """A subscriber's recovery: missed items fetched again from their publisher's replay endpoint.
 
 Each message of a publisher with replay on names its replay endpoint (``docs/wire-format.md``);
-:class:`Recovery` remembers it per publisher id. When a message shows a gap (``recover``), or
-is the first heard from a publisher on a topic (``history``), the subscriber's consumer hands
-it here instead of to the decoder: a DEALER asks the publisher for the missing range, a chunk
-at a time, while that publisher's later messages are held back; the replies reach
-``process()`` first, then the held messages, in the publisher's order. Other publishers'
-messages are not held. A recovery gives up when the publisher has not answered for
-``timeout`` seconds or the held messages pass ``max_held_bytes``: what is still missing is
-counted as dropped, and the held messages go on.
+:class:`Recovery` remembers it per publisher id. When a message shows a gap (``recover``), is
+the first heard from a publisher (``history``), or comes from a publisher of a resumed
+position, the subscriber's consumer hands it here instead of to the decoder, and a DEALER asks
+that publisher for every topic's messages since where this subscriber is (or its newest
+``history`` items), in the order the publisher sent them, a chunk at a time, while its later
+messages are held back. The replies go through the decoder's own sequence table, so
+``process()`` gets the publisher's items in its order, each once (what the held messages
+repeat is skipped). Other publishers' messages are not held. A recovery gives up when the
+publisher has not answered for ``timeout`` seconds or the held messages pass
+``max_held_bytes``: the held messages go on, and what is still missing is counted as dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
 import zmq
@@ -36,38 +39,49 @@ _MAX_REPLIES = 4 * 64  # replies queued for one recovery; a peer sending more is
 
 
 class _Fetch:
-    """One publisher's recovery: items ``next`` up to ``end`` of ``topic`` still wanted."""
+    """One publisher's recovery: every topic's messages after message ``cursor`` of the
+    publisher, from ``starts[topic]`` on, or the newest ``history`` items of a topic not in
+    ``starts`` (:class:`_wire.Since`)."""
 
     __slots__ = (
-        "asked_from",
+        "cursor",
         "done",
-        "end",
         "endpoint",
+        "failed",
         "held",
         "held_bytes",
-        "next",
+        "history",
         "progress_at",
         "publisher",
         "replies",
         "request_id",
+        "starts",
         "timer",
-        "topic",
     )
 
-    def __init__(self, publisher: int, topic: bytes, endpoint: str, first: int, end: int) -> None:
+    def __init__(
+        self, publisher: int, endpoint: str, starts: dict[bytes, int], history: int
+    ) -> None:
         self.publisher = publisher
-        self.topic = topic
         self.endpoint = endpoint
-        self.next = first
-        self.end = end
-        self.asked_from = first
+        self.starts = starts
+        self.history = history
+        self.cursor = 0
         self.request_id = 0
         self.held: list[bytes] = []
         self.held_bytes = 0
         self.replies: collections.deque[tuple[int, bytes]] = collections.deque()
         self.done = False
+        self.failed = False
         self.progress_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
+
+    def request(self) -> bytes:
+        """The request for what is still wanted."""
+        return _wire.pack_since(self.request_id, self.history, self.cursor, self.starts)
+
+    def __str__(self) -> str:
+        return f"what publisher {self.publisher:#x} sent since {self.starts} ({self.endpoint})"
 
 
 class Recovery(Generic[T]):
@@ -88,6 +102,8 @@ class Recovery(Generic[T]):
         main_address: str | None,
         kick: Callable[[], None],
         owner: str,
+        resume: Mapping[tuple[int, bytes], int],
+        endpoints: Mapping[int, str],
     ) -> None:
         self._decoder = decoder
         self._stats = stats
@@ -95,22 +111,33 @@ class Recovery(Generic[T]):
         self._history = history
         self._timeout = timeout
         self._max_held_bytes = max_held_bytes
-        self._context = context
-        self._curve = curve if isinstance(curve, CurveClient) else None
-        self._no_keys = isinstance(curve, CurveServer)
-        self._main_host = _tcp_host(main_address) if main_address else None
         self._kick = kick
         self._owner = owner
         self._log = RateLimitedLog()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._endpoints: dict[int, bytes] = {}  # publisher id -> its replay endpoint
-        self._dealers: dict[str, OwnedSocket] = {}
+        self._dealers = _Dealers(context, curve, main_address, self._on_replies, owner, self._log)
         self._fetches: dict[int, _Fetch] = {}  # publisher id -> its recovery
         self._by_request: dict[int, _Fetch] = {}
         self._request_ids = itertools.count(1)
+        # publishers of a resumed position, to catch up on as soon as they are heard
+        self._resumed = {publisher for publisher, _topic in resume} if recover else set()
+        self._heard: dict[int, None] = dict.fromkeys(self._resumed)  # history asked, or resumed
+        for publisher in self._resumed & endpoints.keys():
+            self._dealers.learn(publisher, endpoints[publisher].encode())
+        self._passing: dict[int, int] = {}  # publisher -> its messages held by a failed recovery
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin; a resumed publisher whose replay endpoint is known is caught up on at once,
+        whether or not it sends anything more."""
         self._loop = loop
+        self._dealers.loop = loop
+        for publisher in [p for p in self._resumed if self._dealers.knows(p)]:
+            self._resumed.discard(publisher)
+            self._start(publisher, None, self._decoder.topics_of(publisher), self._history)
+
+    def endpoints(self) -> dict[int, str]:
+        """The replay endpoint announced by each publisher heard (at most ``MAX_TRACKED``)."""
+        return self._dealers.endpoints()
 
     @property
     def due(self) -> bool:
@@ -131,27 +158,48 @@ class Recovery(Generic[T]):
         if fetch is not None:
             self._hold(fetch, frame)
             return True
-        if header.replay and self._endpoints.get(publisher) != header.replay:
-            self._learn(publisher, header.replay)
-        expected = self._decoder.expected(publisher, header.topic)
+        passing = self._passing.pop(publisher, 0)
+        if passing:  # after a recovery that failed: its gaps are counted as dropped
+            if passing > 1:
+                self._passing[publisher] = passing - 1
+            return False
+        if header.replay:
+            self._dealers.learn(publisher, header.replay)
+        if not self._dealers.knows(publisher):
+            return False
+        decoder = self._decoder
+        if publisher in self._resumed:  # everything kept since the position, every topic
+            self._resumed.discard(publisher)
+            return self._start(publisher, frame, decoder.topics_of(publisher), self._history)
+        expected = decoder.expected(publisher, header.topic)
         if expected is None:
             if not self._history:
                 return False
-            first = max(0, header.first - self._history)
-        elif self._recover:
-            first = expected
-        else:
+            if publisher not in self._heard:  # first heard: its history, every topic
+                if len(self._heard) >= MAX_TRACKED:
+                    del self._heard[next(iter(self._heard))]
+                self._heard[publisher] = None
+                return self._start(publisher, frame, {}, self._history)
+            starts = decoder.topics_of(publisher)  # a new topic of a publisher heard before
+            starts[header.topic] = max(0, header.first - self._history)
+            return self._start(publisher, frame, starts, 0)
+        if not self._recover or not 0 < header.first - expected <= MAX_GAP:
             return False
-        if not 0 < header.first - first <= MAX_GAP or publisher not in self._endpoints:
-            return False
-        endpoint = self._dealer(publisher)
+        return self._start(publisher, frame, decoder.topics_of(publisher), 0)
+
+    def _start(
+        self, publisher: int, frame: bytes | None, starts: dict[bytes, int], history: int
+    ) -> bool:
+        """Start a recovery of ``publisher`` (see :class:`_Fetch`), holding ``frame``; False
+        when its replay endpoint cannot be reached."""
+        in_use = {fetch.endpoint for fetch in self._fetches.values()}
+        endpoint = self._dealers.connect(publisher, in_use)
         if endpoint is None:
             return False
-        if expected is None:  # what came before the history asked for is missed, as always
-            self._decoder.skip_to(publisher, header.topic, first, dropped=first)
-        fetch = _Fetch(publisher, header.topic, endpoint, first, header.first)
+        fetch = _Fetch(publisher, endpoint, starts, history)
         self._fetches[publisher] = fetch
-        self._hold(fetch, frame)
+        if frame is not None:
+            self._hold(fetch, frame)
         self._request(fetch)
         return True
 
@@ -176,32 +224,23 @@ class Recovery(Generic[T]):
     def _replayed(
         self, fetch: _Fetch, frame: bytes, items: list[T], failures: list[Failure]
     ) -> None:
-        try:
-            header = _wire.unpack(frame)
-            if header.publisher != fetch.publisher or header.topic != fetch.topic:
-                raise _wire.MalformedFrame(
-                    f"a replayed message of publisher {header.publisher:#x} topic "
-                    f"{header.topic!r}, asked of {fetch.publisher:#x} {fetch.topic!r}"
-                )
-            if header.first + header.items <= fetch.next or header.first >= fetch.end:
+        with contextlib.suppress(_wire.MalformedFrame):  # else the decoder counts and reports it
+            publisher = _wire.unpack(frame).publisher
+            if publisher != fetch.publisher:
+                self._stats.malformed += 1
+                why = f"a replayed message of publisher {publisher:#x}, asked of {fetch}"
+                failures.append((ValueError(why), frame))
                 return
-            if header.first > fetch.next:  # no longer in the buffer
-                self._stats.dropped += header.first - fetch.next
-                fetch.next = header.first
-            self._decoder.decode_replayed(frame, header, fetch.next, fetch.end, items, failures)
-        except ValueError as exc:
-            self._stats.malformed += 1
-            failures.append((ValueError(f"malformed replayed message: {exc}"), frame))
-            return
-        fetch.next = min(header.first + header.items, fetch.end)
+        self._decoder.decode_replayed(frame, items, failures)
 
     def _ended(self, fetch: _Fetch, body: bytes) -> None:
         try:
-            _after, more = _wire.unpack_end(body)
+            cursor, more = _wire.unpack_end(body)
         except _wire.MalformedFrame as exc:
             self._give_up(fetch, str(exc))
             return
-        if more and fetch.asked_from < fetch.next < fetch.end:
+        if more and cursor > fetch.cursor:
+            fetch.cursor = cursor
             self._request(fetch)
         else:
             fetch.done = True
@@ -211,8 +250,8 @@ class Recovery(Generic[T]):
         self._by_request.pop(fetch.request_id, None)
         if fetch.timer is not None:
             fetch.timer.cancel()
-        missing = fetch.end - fetch.next
-        self._decoder.skip_to(fetch.publisher, fetch.topic, fetch.end, dropped=missing)
+        if fetch.failed:
+            self._passing[fetch.publisher] = len(fetch.held)
         frames.extendleft(reversed(fetch.held))
 
     def _hold(self, fetch: _Fetch, frame: bytes) -> None:
@@ -222,24 +261,104 @@ class Recovery(Generic[T]):
             self._give_up(fetch, f"over {self._max_held_bytes} bytes held back meanwhile")
 
     def _give_up(self, fetch: _Fetch, why: str) -> None:
-        fetch.done = True
-        self._log(
-            logging.WARNING,
-            f"{self._owner}: recovering items {fetch.next}..{fetch.end - 1} of publisher "
-            f"{fetch.publisher:#x} from {fetch.endpoint}: {why}; counted as dropped",
-        )
+        fetch.done = fetch.failed = True
+        self._log(logging.WARNING, f"{self._owner}: recovering {fetch}: {why}")
 
     # -- requests and replies ----------------------------------------------------------------
 
-    def _learn(self, publisher: int, endpoint: bytes) -> None:
+    def _request(self, fetch: _Fetch) -> None:
+        assert self._loop is not None
+        self._by_request.pop(fetch.request_id, None)
+        fetch.request_id = next(self._request_ids) & 0xFFFFFFFF
+        self._by_request[fetch.request_id] = fetch
+        fetch.progress_at = self._loop.time()
+        try:
+            self._dealers.send(fetch.endpoint, fetch.request())
+        except zmq.ZMQError as exc:
+            self._give_up(fetch, f"the request was not sent ({safe_repr(exc)})")
+            return
+        if fetch.timer is None:
+            fetch.timer = self._loop.call_later(self._timeout, self._check_deadline, fetch)
+
+    def _check_deadline(self, fetch: _Fetch) -> None:
+        assert self._loop is not None
+        fetch.timer = None
+        if self._fetches.get(fetch.publisher) is not fetch or fetch.done:
+            return
+        left = fetch.progress_at + self._timeout - self._loop.time()
+        if left > 0:
+            fetch.timer = self._loop.call_later(left, self._check_deadline, fetch)
+            return
+        self._give_up(fetch, f"no answer for {self._timeout} s")
+        self._kick()
+
+    def _on_replies(self, replies: list[tuple[int, int, bytes]]) -> None:
+        """Queue replies ``(kind, request id, body)`` to their recoveries; wake the consumer."""
+        assert self._loop is not None
+        now, woke = self._loop.time(), False
+        for kind, request_id, body in replies:
+            fetch = self._by_request.get(request_id)
+            if fetch is None or fetch.request_id != request_id or len(fetch.replies) > _MAX_REPLIES:
+                continue  # a late answer to a request given up on, or a peer sending too much
+            fetch.replies.append((kind, body))
+            fetch.progress_at = now
+            woke = True
+        if woke:
+            self._kick()
+
+    def close(self) -> None:
+        for fetch in self._fetches.values():
+            if fetch.timer is not None:
+                fetch.timer.cancel()
+        self._fetches.clear()
+        self._by_request.clear()
+        self._dealers.close()
+
+
+class _Dealers:
+    """The replay endpoints of the publishers a subscriber hears, and a DEALER connected to each
+    one it asks (at most :data:`_MAX_DEALERS`); replies go to ``on_replies`` in batches."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        curve: CurveServer | CurveClient | None,
+        main_address: str | None,
+        on_replies: Callable[[list[tuple[int, int, bytes]]], None],
+        owner: str,
+        log: RateLimitedLog,
+    ) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._context = context
+        self._curve = curve if isinstance(curve, CurveClient) else None
+        self._no_keys = isinstance(curve, CurveServer)
+        self._main_host = _tcp_host(main_address) if main_address else None
+        self._on_replies = on_replies
+        self._owner = owner
+        self._log = log
+        self._endpoints: dict[int, bytes] = {}  # publisher id -> its replay endpoint
+        self._dealers: dict[str, OwnedSocket] = {}
+
+    def knows(self, publisher: int) -> bool:
+        return publisher in self._endpoints
+
+    def endpoints(self) -> dict[int, str]:
+        return {p: endpoint.decode(errors="replace") for p, endpoint in self._endpoints.items()}
+
+    def learn(self, publisher: int, endpoint: bytes) -> None:
+        """Note the replay endpoint ``publisher`` announced (a bounded table, least recently
+        announced out first)."""
         table = self._endpoints
+        if table.get(publisher) == endpoint:
+            return
         table.pop(publisher, None)
         if len(table) >= MAX_TRACKED:
             del table[next(iter(table))]
         table[publisher] = endpoint
 
-    def _dealer(self, publisher: int) -> str | None:
-        """The connected replay endpoint of ``publisher``, or ``None`` if it cannot be."""
+    def connect(self, publisher: int, in_use: set[str]) -> str | None:
+        """The connected replay endpoint of ``publisher``, or ``None`` if it cannot be (a
+        dealer not ``in_use`` is closed to make room)."""
         endpoint = _reachable(self._endpoints[publisher].decode(errors="replace"), self._main_host)
         if endpoint in self._dealers:
             return endpoint
@@ -251,11 +370,10 @@ class Recovery(Generic[T]):
             )
             return None
         if len(self._dealers) >= _MAX_DEALERS:
-            in_use = {fetch.endpoint for fetch in self._fetches.values()}
             idle = [name for name in self._dealers if name not in in_use]
             if not idle:
                 return None
-            self._close_dealer(idle[0])
+            self._close(idle[0])
         try:
             owned = OwnedSocket(
                 zmq.DEALER,
@@ -273,53 +391,23 @@ class Recovery(Generic[T]):
             self._log(logging.WARNING, f"{self._owner}: replay endpoint: {safe_repr(exc)}")
             return None
         self._dealers[endpoint] = owned
-        assert self._loop is not None
+        assert self.loop is not None
         fd = cast(int, owned.socket.getsockopt(zmq.FD))
-        self._loop.add_reader(fd, self._on_replies, endpoint)
+        self.loop.add_reader(fd, self._read, endpoint)
         return endpoint
 
-    def _close_dealer(self, endpoint: str) -> None:
-        owned = self._dealers.pop(endpoint)
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(cast(int, owned.socket.getsockopt(zmq.FD)))
-        owned.close(linger=0)
+    def send(self, endpoint: str, request: bytes) -> None:
+        """Send ``request`` to ``endpoint`` (connected); ``zmq.ZMQError`` if it cannot go."""
+        self._dealers[endpoint].socket.send(request, zmq.NOBLOCK)
+        assert self.loop is not None
+        self.loop.call_soon(self._read, endpoint)  # sending may take the FD's edge
 
-    def _request(self, fetch: _Fetch) -> None:
-        assert self._loop is not None
-        self._by_request.pop(fetch.request_id, None)
-        fetch.request_id = next(self._request_ids) & 0xFFFFFFFF
-        fetch.asked_from = fetch.next
-        self._by_request[fetch.request_id] = fetch
-        fetch.progress_at = self._loop.time()
-        request = _wire.pack_request(fetch.topic, fetch.request_id, fetch.next, fetch.end)
-        try:
-            self._dealers[fetch.endpoint].socket.send(request, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            self._give_up(fetch, f"the request was not sent ({safe_repr(exc)})")
-            return
-        self._loop.call_soon(self._on_replies, fetch.endpoint)  # sending may take the edge
-        if fetch.timer is None:
-            fetch.timer = self._loop.call_later(self._timeout, self._check_deadline, fetch)
-
-    def _check_deadline(self, fetch: _Fetch) -> None:
-        assert self._loop is not None
-        fetch.timer = None
-        if self._fetches.get(fetch.publisher) is not fetch or fetch.done:
-            return
-        left = fetch.progress_at + self._timeout - self._loop.time()
-        if left > 0:
-            fetch.timer = self._loop.call_later(left, self._check_deadline, fetch)
-            return
-        self._give_up(fetch, f"no answer for {self._timeout} s")
-        self._kick()
-
-    def _on_replies(self, endpoint: str) -> None:
-        """Drain a DEALER's edge-triggered FD to EAGAIN; queue the replies to recoveries."""
+    def _read(self, endpoint: str) -> None:
+        """Drain a DEALER's edge-triggered FD to EAGAIN; hand the well-formed replies on."""
         owned = self._dealers.get(endpoint)
         if owned is None:
             return
-        assert self._loop is not None
-        now, woke = self._loop.time(), False
+        replies = []
         while True:
             try:
                 parts = owned.socket.recv_multipart(zmq.NOBLOCK)
@@ -332,23 +420,19 @@ class Recovery(Generic[T]):
             except _wire.MalformedFrame as exc:
                 self._log(logging.WARNING, f"{self._owner}: from {endpoint}: {exc}")
                 continue
-            fetch = self._by_request.get(request_id)
-            if fetch is None or fetch.request_id != request_id or len(fetch.replies) > _MAX_REPLIES:
-                continue  # a late answer to a request given up on, or a peer sending too much
-            fetch.replies.append((kind, parts[1]))
-            fetch.progress_at = now
-            woke = True
-        if woke:
-            self._kick()
+            replies.append((kind, request_id, parts[1]))
+        if replies:
+            self._on_replies(replies)
+
+    def _close(self, endpoint: str) -> None:
+        owned = self._dealers.pop(endpoint)
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(cast(int, owned.socket.getsockopt(zmq.FD)))
+        owned.close(linger=0)
 
     def close(self) -> None:
-        for fetch in self._fetches.values():
-            if fetch.timer is not None:
-                fetch.timer.cancel()
-        self._fetches.clear()
-        self._by_request.clear()
         for endpoint in list(self._dealers):
-            self._close_dealer(endpoint)
+            self._close(endpoint)
 
 
 def _tcp_host(address: str) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import heapq
 import logging
 import os
 import select
@@ -41,19 +42,30 @@ _RCVHWM = 256
 
 
 class _Topic:
-    """One topic's messages, oldest first: ``firsts[i]`` numbers message ``frames[i]``.
+    """One topic's messages, oldest first: ``firsts[i]`` numbers message ``frames[i]``, and
+    ``orders[i]`` says where it was sent among the messages of every topic (from 1).
 
     Evicted entries stay in the lists before ``start`` until compaction (amortised O(1))."""
 
-    __slots__ = ("counts", "firsts", "frames", "items", "nbytes", "start")
+    __slots__ = ("counts", "firsts", "frames", "items", "nbytes", "orders", "start")
 
     def __init__(self) -> None:
         self.firsts: list[int] = []
         self.counts: list[int] = []
         self.frames: list[bytes] = []
+        self.orders: list[int] = []
         self.start = 0
         self.items = 0
         self.nbytes = 0
+
+    def index_of(self, seq: int) -> int:
+        """The index of the first message kept that holds item ``seq`` or a later one."""
+        firsts, start = self.firsts, self.start
+        # The message before the first that starts after ``seq``, unless it ends before it.
+        index = max(start, bisect.bisect_right(firsts, seq, lo=start) - 1)
+        if index < len(firsts) and firsts[index] + self.counts[index] <= seq:
+            index += 1
+        return index
 
 
 class ReplayBuffer:
@@ -64,6 +76,7 @@ class ReplayBuffer:
         self._max_bytes = max_bytes
         self._topics: dict[bytes, _Topic] = {}
         self._lock = threading.Lock()
+        self._sent = 0  # messages added, of every topic
 
     def add(self, topic: bytes, first: int, count: int, frame: bytes) -> None:
         """Keep a message just sent; evict the oldest ones beyond the bounds."""
@@ -73,9 +86,11 @@ class ReplayBuffer:
                 if len(self._topics) >= MAX_TOPICS:
                     del self._topics[next(iter(self._topics))]
                 entry = self._topics[topic] = _Topic()
+            self._sent += 1
             entry.firsts.append(first)
             entry.counts.append(count)
             entry.frames.append(frame)
+            entry.orders.append(self._sent)
             entry.items += count
             entry.nbytes += len(frame)
             start, last = entry.start, len(entry.frames) - 1
@@ -87,6 +102,7 @@ class ReplayBuffer:
                 start += 1
             if start > 64 and 2 * start > len(entry.frames):
                 del entry.firsts[:start], entry.counts[:start], entry.frames[:start]
+                del entry.orders[:start]
                 start = 0
             entry.start = start
 
@@ -98,17 +114,40 @@ class ReplayBuffer:
             entry = self._topics.get(topic)
             if entry is None:
                 return [], first, False
-            firsts, start = entry.firsts, entry.start
-            # The first message that ends after ``first``: the one before the first that
-            # starts after it, unless that one ends at or before it.
-            index = max(start, bisect.bisect_right(firsts, first, lo=start) - 1)
-            if index < len(firsts) and firsts[index] + entry.counts[index] <= first:
-                index += 1
+            firsts = entry.firsts
+            index = entry.index_of(first)
             stop = min(bisect.bisect_left(firsts, end, lo=index), index + CHUNK_FRAMES)
             frames = entry.frames[index:stop]
             after = firsts[stop - 1] + entry.counts[stop - 1] if frames else first
             more = stop < len(firsts) and firsts[stop] < end
         return frames, max(after, first), more
+
+    def since(self, request: _wire.Since) -> tuple[list[bytes], int, bool]:
+        """The messages ``request`` asks for (see :class:`_wire.Since`), in the order sent, at
+        most ``CHUNK_FRAMES``; the cursor after the last of them, and whether more is kept."""
+        cursor = request.cursor
+        with self._lock:
+            heads: list[tuple[int, int, _Topic]] = []
+            for topic, entry in self._topics.items():
+                start = request.starts.get(topic)
+                if start is None:
+                    if not request.history or not entry.frames:
+                        continue
+                    start = entry.firsts[-1] + entry.counts[-1] - request.history
+                index = max(
+                    entry.index_of(start),
+                    bisect.bisect_right(entry.orders, cursor, lo=entry.start),
+                )
+                if index < len(entry.frames):
+                    heads.append((entry.orders[index], index, entry))
+            heapq.heapify(heads)  # orders are unique: the entries themselves never compare
+            frames: list[bytes] = []
+            while heads and len(frames) < CHUNK_FRAMES:
+                cursor, index, entry = heapq.heappop(heads)
+                frames.append(entry.frames[index])
+                if index + 1 < len(entry.frames):
+                    heapq.heappush(heads, (entry.orders[index + 1], index + 1, entry))
+        return frames, cursor, bool(heads)
 
 
 class ReplayServer:
@@ -160,6 +199,31 @@ class ReplayServer:
             daemon=True,
         )
         self._thread.start()
+
+    @classmethod
+    def next_to(
+        cls,
+        main: OwnedSocket,
+        address: str | None,
+        bind: bool,
+        publisher_id: int,
+        items: int,
+        max_bytes: int,
+    ) -> ReplayServer:
+        """The replay server of the publisher ``publisher_id`` whose socket is ``main`` (bound
+        or connected as ``bind`` says), keeping ``items`` items (at most ``max_bytes`` bytes)
+        per topic: at ``address``, or where :func:`_default_address` picks next to ``main``; in
+        ``main``'s context when that is an inproc one; with ``main``'s security settings."""
+        inproc = main.address.startswith("inproc://")
+        return cls(
+            ReplayBuffer(items, max_bytes),
+            address or _default_address(main.address, bind, publisher_id),
+            context=main.context if inproc else None,
+            curve=main.curve,
+            heartbeat=main.heartbeat,
+            allow_any_interface=main.allow_any_interface,
+            owner=f"publisher for {main.address}",
+        )
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the thread; its pipe and socket are closed now, or by the thread as it ends
@@ -214,7 +278,10 @@ class ReplayServer:
             header = _wire.reply_header(_wire.KIND_ERROR, 0)
             send([peer, header, str(exc).encode()], zmq.NOBLOCK)
             return 1
-        frames, after, more = self.buffer.chunk(request.topic, request.first, request.end)
+        if isinstance(request, _wire.Since):
+            frames, after, more = self.buffer.since(request)
+        else:
+            frames, after, more = self.buffer.chunk(request.topic, request.first, request.end)
         items = _wire.reply_header(_wire.KIND_ITEMS, request.request_id)
         for frame in frames:
             send([peer, items, frame], zmq.NOBLOCK)
@@ -224,7 +291,24 @@ class ReplayServer:
         return len(frames) + 1
 
 
-def default_address(address: str, bind: bool, publisher_id: int) -> str:
+def check_settings(
+    replay: int, replay_bytes: int, conflate: bool, curve: CurveServer | CurveClient | None
+) -> None:
+    """``ValueError`` for a publisher's replay settings that cannot work, before any socket."""
+    if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+        raise ValueError(f"replay must be an int >= 0 items (0: off), got {replay!r}")
+    if isinstance(replay_bytes, bool) or not isinstance(replay_bytes, int) or replay_bytes < 1:
+        raise ValueError(f"replay_bytes must be an int >= 1, got {replay_bytes!r}")
+    if replay and conflate:
+        raise ValueError("replay with conflate=True: a conflating publisher skips items on purpose")
+    if replay and isinstance(curve, CurveClient):
+        raise ValueError(
+            "replay on a CURVE client publisher: its replay endpoint would need server keys of "
+            "its own; bind the publisher as the CurveServer, or leave replay off"
+        )
+
+
+def _default_address(address: str, bind: bool, publisher_id: int) -> str:
     """The replay endpoint picked next to a publisher's ``address``.
 
     ipc: next to the main path, ``PATH.replay`` when the publisher binds it, else (fan-in)

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from wirebus import _aio
-from wirebus.transport._base import LastOneOut, RateLimitedLog, safe_repr
-from wirebus.transport._sendstep import Entry, SendStep
+from wirebus.transport._base import LastOneOut, RateLimitedLog, logger, safe_repr
+from wirebus.transport._intake import Entry
+from wirebus.transport._sendstep import SendStep
 
 _TICK = 0.02  # s: how often a ticking writer looks for a stalled queue
 
@@ -171,6 +172,11 @@ class Writer:
                 next_tick = now + _TICK
 
 
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (``time.monotonic()``), 0 once past; None without one."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         while os.read(fd, 4096):
@@ -186,6 +192,7 @@ class Dispatcher:
     calls :meth:`_send_now` (a full message queued) or :meth:`_schedule` (nobody due yet).
     Whoever holds the send lock sends until the queue is empty, and after releasing it looks
     at the queue again, so nothing is ever left behind by a lock another thread held.
+    :meth:`_stop_sending` ends it all, for the publisher's ``close()``.
     """
 
     def _start_dispatch(self, step: SendStep[Any], name: str) -> None:
@@ -314,6 +321,30 @@ class Dispatcher:
             if self._handed_close and not self._socket_closed():
                 self._close_socket(0)
             self._handed_close = False
+        finally:
+            self._send_lock.release()
+
+    def _stop_sending(self, deadline: float | None, linger: int) -> None:
+        """Stop the writer, send what is queued (until ``deadline``, ``time.monotonic()``),
+        close the socket delivering for up to ``linger`` ms (no longer than the deadline
+        leaves); or, should a send under way outlive the deadline, hand the close to it."""
+        if not self._writer.stop(time_left(deadline)):
+            logger.warning("%s: the writer thread ends after close()", safe_repr(self))
+        left = time_left(deadline)
+        if not self._send_lock.acquire(timeout=-1 if left is None else left):
+            self._handed_close = True  # the thread sending now closes the socket after
+            self._close_handed(wait=False)  # unless it finished meanwhile
+            logger.warning("%s: a send outlived close()'s timeout", safe_repr(self))
+            return
+        try:
+            self._send_locked(deadline)
+            if self._queue:
+                logger.warning("%s: %d item(s) not sent", safe_repr(self), len(self._queue))
+            left = time_left(deadline)
+            if left is not None:
+                budget = int(left * 1000)
+                linger = budget if linger < 0 else min(linger, budget)
+            self._close_socket(linger)
         finally:
             self._send_lock.release()
 

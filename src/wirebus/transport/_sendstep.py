@@ -22,11 +22,11 @@ import zmq
 from wirebus.codec import MessageCodec, RunEncoding
 from wirebus.transport import _wire
 from wirebus.transport._base import RateLimitedLog, safe_repr
+from wirebus.transport._intake import Entry
 from wirebus.transport._replay import ReplayServer
 
 T = TypeVar("T")
 
-Entry = tuple[bytes, Any]  # (topic, item) with run encoding, else (topic, payload bytes)
 _TOPIC = operator.itemgetter(0)
 _VALUE = operator.itemgetter(1)
 

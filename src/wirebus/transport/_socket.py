@@ -19,7 +19,8 @@ class OwnedSocket:
 
     ``options`` (pairs, in order) are set before anything else; ``bind`` binds ``address``,
     otherwise it is connected. :attr:`address` is the endpoint actually bound (or the one
-    connected).
+    connected). It keeps its security settings (:attr:`curve`, :attr:`heartbeat`,
+    :attr:`allow_any_interface`) for a socket that is to share them.
     """
 
     def __init__(
@@ -38,6 +39,9 @@ class OwnedSocket:
     ) -> None:
         _endpoint.check_address(address, bind=bind, allow_any_interface=allow_any_interface)
         _check_security(curve, address, context, heartbeat)
+        self.curve = curve
+        self.heartbeat = heartbeat
+        self.allow_any_interface = allow_any_interface
         self.authenticator: security._Authenticator | None = None
         self.own_context: zmq.Context[Any] | None = None
         if context is None and (private_context or security._needs_authenticator(curve)):

@@ -15,7 +15,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Coroutine, Generator, Iterable, Iterator
+from collections.abc import Coroutine, Generator, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 import zmq
@@ -24,7 +24,7 @@ from wirebus.codec import MessageCodec, check_codec, make_topic
 from wirebus.security import CurveClient, CurveServer
 from wirebus.transport import _wire
 from wirebus.transport._base import MessageSubscriber, safe_repr
-from wirebus.transport._decoder import Failure, FrameDecoder, SubscriberStats
+from wirebus.transport._decoder import Failure, FrameDecoder, Position, SubscriberStats
 from wirebus.transport._recovery import Recovery
 from wirebus.transport._socket import OwnedSocket
 from wirebus.transport._watch import ConnectionWatch
@@ -55,10 +55,19 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
 
     ``recover=True`` fills a gap from a publisher with replay on from its replay buffer before
     that publisher's later items reach :meth:`process`; ``history=N`` fetches, on the first
-    message of a publisher (and topic), the ``N`` items published before it. A recovery gives
-    up, counting what is still missing as dropped, when the publisher has not answered for
-    ``recover_timeout`` s or its later messages held back meanwhile pass ``recover_max_bytes``
-    (``docs/pubsub.md``). Recovery needs an event loop (not :meth:`receive_blocking`).
+    message of a publisher, the newest ``N`` items of each of its topics, in the order sent. A
+    recovery gives up, counting what is still missing as dropped, when the publisher has not
+    answered for ``recover_timeout`` s or its later messages held back meanwhile pass
+    ``recover_max_bytes`` (``docs/pubsub.md``). Recovery needs an event loop (not
+    :meth:`receive_blocking`).
+
+    ``resume`` continues where an earlier subscriber stopped: pass the :attr:`position` it had
+    when it last stored its work, and items from there on are due instead of ``history``. With
+    ``recover=True``, on the first message of each publisher in it, everything that publisher
+    still keeps after the position is fetched, every topic in the order sent (a later message
+    shows no gap for items lost at the end of a topic); without, a gap is counted as dropped.
+    With ``resume_endpoints`` (an earlier subscriber's :attr:`replay_endpoints`) that catch-up
+    starts at once, instead of on the publisher's next message.
     """
 
     def __init__(
@@ -79,9 +88,21 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         history: int = 0,
         recover_timeout: float = 2.0,
         recover_max_bytes: int = 64 * 1024 * 1024,
+        resume: Mapping[tuple[int, bytes], int] | None = None,
+        resume_endpoints: Mapping[int, str] | None = None,
     ) -> None:
         super().__init__(conflate=conflate)
         _check_recovery(recover, history, recover_timeout, recover_max_bytes, conflate)
+        if resume is not None and not isinstance(resume, Mapping):
+            raise TypeError(f"resume must be a mapping (a subscriber's position), got {resume!r}")
+        if resume_endpoints is not None and not (
+            isinstance(resume_endpoints, Mapping)
+            and all(isinstance(p, int) and isinstance(e, str) for p, e in resume_endpoints.items())
+        ):
+            raise TypeError(
+                "resume_endpoints must map publisher ids to replay endpoints (a subscriber's "
+                f"replay_endpoints), got {resume_endpoints!r}"
+            )
         check_codec(codec)
         if isinstance(topics, (str, bytes)):
             raise TypeError(f"topics must be an iterable of topic names, not {topics!r}")
@@ -93,6 +114,8 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
         self.codec = codec
         self.stats = SubscriberStats()
         self._decoder = FrameDecoder(codec, self.stats, conflate)
+        if resume:
+            self._decoder.resume(resume)
         self._frames: collections.deque[bytes] = collections.deque()
         self._newest: dict[bytes, bytes] = {}  # conflate: publisher id -> its newest frame
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,10 +163,31 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                 main_address=self.address if connect else None,
                 kick=self._kick,
                 owner=f"subscriber for {self.address}",
+                resume=resume or {},
+                endpoints=resume_endpoints or {},
             )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({safe_repr(self.codec)}, {self.address!r})"
+
+    @property
+    def position(self) -> Position:
+        """Per (publisher id, topic) heard: the sequence number of the next item due.
+
+        Every earlier item of that publisher and topic has been handed to :meth:`process`
+        (or counted as dropped), so read inside or after :meth:`process` it says exactly what
+        the items handed over so far cover. A consumer that stores its work stores this with
+        it, and a later subscriber passes it as ``resume`` to go on from there, exactly once.
+        """
+        return self._decoder.position()
+
+    @property
+    def replay_endpoints(self) -> dict[int, str]:
+        """The replay endpoint each publisher heard announced (with ``recover`` or
+        ``history``; else empty). Stored with :attr:`position` and passed back as
+        ``resume_endpoints``, it lets a resumed subscriber catch up at once, even on a publisher
+        that sends nothing more."""
+        return {} if self._recovery is None else self._recovery.endpoints()
 
     async def start(self) -> None:
         if self._closed:

@@ -144,11 +144,13 @@ def _endpoint_of(frame: bytes, size: int) -> tuple[int, bytes]:
 # -- the replay protocol: requests to a publisher's replay endpoint and its replies ----------
 
 REQUEST_SIZE = TOPIC_FRAME_SIZE + 24
-"""A request is one frame of exactly this many bytes."""
+"""A range request is one frame of exactly this many bytes; a since request starts with as
+many."""
 KIND_REQUEST = 1
 KIND_ITEMS = 2
 KIND_END = 3
 KIND_ERROR = 4
+KIND_SINCE = 5
 
 # topic | version u8, kind u8, reserved u16, request id u32, first u64, end u64
 _REQUEST = struct.Struct("<BBHIQQ")
@@ -159,7 +161,8 @@ _END = struct.Struct("<QB")
 
 
 class Request(NamedTuple):
-    """A request for the items of ``topic`` numbered ``first`` up to (not including) ``end``."""
+    """``KIND_REQUEST``: the items of ``topic`` numbered ``first`` up to (not including)
+    ``end``."""
 
     topic: bytes
     request_id: int
@@ -167,20 +170,56 @@ class Request(NamedTuple):
     end: int
 
 
+class Since(NamedTuple):
+    """``KIND_SINCE``: every topic's messages in the order sent, after message ``cursor``
+    (``0``: from the start), each topic from the message holding item ``starts[topic]`` on, or
+    for a topic not in ``starts``, holding its newest ``history`` items (``0``: none)."""
+
+    request_id: int
+    history: int
+    cursor: int
+    starts: dict[bytes, int]
+
+
+MAX_STARTS = 1024
+"""Topics a :class:`Since` request may list."""
+_START = struct.Struct(f"<{TOPIC_FRAME_SIZE}sQ")
+
+
 def pack_request(topic: bytes, request_id: int, first: int, end: int) -> bytes:
     return topic + _REQUEST.pack(WIRE_VERSION, KIND_REQUEST, 0, request_id, first, end)
 
 
-def unpack_request(data: bytes) -> Request:
+def pack_since(request_id: int, history: int, cursor: int, starts: dict[bytes, int]) -> bytes:
+    head = bytes(TOPIC_FRAME_SIZE) + _REQUEST.pack(
+        WIRE_VERSION, KIND_SINCE, 0, request_id, history, cursor
+    )
+    return head + b"".join(_START.pack(topic, seq) for topic, seq in starts.items())
+
+
+def unpack_request(data: bytes) -> Request | Since:
     """Parse a request; :class:`MalformedFrame` says what is wrong with it."""
-    if len(data) != REQUEST_SIZE:
-        raise MalformedFrame(f"a request of {len(data)} bytes, expected {REQUEST_SIZE}")
+    if len(data) < REQUEST_SIZE:
+        raise MalformedFrame(f"a request of {len(data)} bytes, expected {REQUEST_SIZE} or more")
     version, kind, _reserved, request_id, first, end = _REQUEST.unpack_from(data, TOPIC_FRAME_SIZE)
-    if version != WIRE_VERSION or kind != KIND_REQUEST:
+    if version != WIRE_VERSION or kind not in (KIND_REQUEST, KIND_SINCE):
         raise MalformedFrame(f"a request of version {version} kind {kind}")
-    if end <= first:
-        raise MalformedFrame(f"an empty range {first}..{end}")
-    return Request(data[:TOPIC_FRAME_SIZE], request_id, first, end)
+    if kind == KIND_REQUEST:
+        if len(data) != REQUEST_SIZE:
+            raise MalformedFrame(f"a request of {len(data)} bytes, expected {REQUEST_SIZE}")
+        if end <= first:
+            raise MalformedFrame(f"an empty range {first}..{end}")
+        return Request(data[:TOPIC_FRAME_SIZE], request_id, first, end)
+    count, rest = divmod(len(data) - REQUEST_SIZE, _START.size)
+    if rest or count > MAX_STARTS:
+        raise MalformedFrame(
+            f"a since request of {len(data)} bytes: not {REQUEST_SIZE} + up to {MAX_STARTS} "
+            f"x {_START.size}"
+        )
+    if not count and not first:
+        raise MalformedFrame("a since request for nothing (no starts, a history of 0 items)")
+    starts = dict(_START.iter_unpack(data[REQUEST_SIZE:]))
+    return Since(request_id, first, end, starts)
 
 
 def reply_header(kind: int, request_id: int) -> bytes:
