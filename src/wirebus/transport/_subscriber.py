@@ -233,7 +233,7 @@ class ZmqMessageSubscriber(MessageSubscriber[T]):
                         return
                 # One frame per wake-up is the common case: asking EVENTS re-arms the edge as
                 # EAGAIN does, for the same system calls but without raising zmq.Again.
-                if self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     while True:
                         frames.append(recv(zmq.NOBLOCK))
                         if len(frames) >= _MAX_BUFFERED_FRAMES:
