@@ -9,9 +9,10 @@ dropped (``stats.dropped``).
 
 Behind this module: ``_wire`` (the bytes of a message, docs/wire-format.md), ``_socket``
 (socket set-up and release for both sides), ``_publisher``, ``_intake``, ``_sender`` and
-``_sendstep`` (``publish()``, what it accepts, who sends, how a run is sent), ``_subscriber``
-and ``_decoder`` (reading, and frames to items), ``_replay`` (the publisher's replay buffer and
-endpoint) and ``_recovery`` (a subscriber fetching what it missed).
+``_sendstep`` (``publish()``, what it accepts, who sends, how a run is sent), ``_subscriber``,
+``_consumer`` and ``_decoder`` (reading, handing batches to ``process()``, frames to items),
+``_replay`` (the publisher's replay buffer and endpoint) and ``_recovery`` (a subscriber
+fetching what it missed).
 """
 
 from wirebus.transport._base import MessagePublisher, MessageSubscriber
