@@ -129,7 +129,7 @@ async def run_demo(
     address = new_ipc_address("events")
     log_dir = str(out / "logs")
     launcher = ServiceLauncher(ready_timeout=30, stop_timeout=10, log_dir=log_dir)
-    logger = _Logger(
+    logger = _RestartableLogger(
         [sys.executable, "-m", "wirebus.services.event_logger",
          "--address", address, "--out", str(out / _LOG)],
         log_dir,
@@ -175,7 +175,7 @@ async def run_demo(
         remove_ipc_dir(address)
 
 
-class _Logger:
+class _RestartableLogger:
     """The event logger, in a launcher of its own so that it can be killed and started again
     (as ``event_logger``, then ``event_logger_restarted``)."""
 
@@ -206,7 +206,10 @@ class _Logger:
 
 
 async def _restart_at(
-    midway: asyncio.Event, logger: _Logger, events: EventPublisherService, config: DemoConfig
+    midway: asyncio.Event,
+    logger: _RestartableLogger,
+    events: EventPublisherService,
+    config: DemoConfig,
 ) -> None:
     if config.restart_logger:
         await midway.wait()
