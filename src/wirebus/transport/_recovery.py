@@ -81,7 +81,12 @@ class _Fetch:
         return _wire.pack_since(self.request_id, self.history, self.cursor, self.starts)
 
     def __str__(self) -> str:
-        return f"what publisher {self.publisher:#x} sent since {self.starts} ({self.endpoint})"
+        since = ", ".join(f"{t.rstrip(bytes(1))!r} {seq}" for t, seq in self.starts.items())
+        return (
+            f"what publisher {self.publisher:#x} sent since [{since}]"
+            + (f" and its history of {self.history}" if self.history else "")
+            + f" ({self.endpoint})"
+        )
 
 
 class Recovery(Generic[T]):
@@ -196,6 +201,8 @@ class Recovery(Generic[T]):
         endpoint = self._dealers.connect(publisher, in_use)
         if endpoint is None:
             return False
+        if len(starts) > _wire.MAX_STARTS:  # more topics than a replay buffer keeps anyway
+            starts = dict(itertools.islice(starts.items(), _wire.MAX_STARTS))
         fetch = _Fetch(publisher, endpoint, starts, history)
         self._fetches[publisher] = fetch
         if frame is not None:
