@@ -136,8 +136,9 @@ class FrameDecoder(Generic[T]):
         return dict(self._next_seq)
 
     def resume(self, position: Mapping[tuple[int, bytes], int]) -> None:
-        """Expect, per (publisher, topic) of ``position``, its sequence number next (as if
-        everything before it had arrived). ``ValueError`` naming an entry that cannot be one."""
+        """Start from ``position`` (before any frame): expect, per (publisher, topic) of it,
+        its sequence number next, as if everything before it had arrived. ``ValueError`` naming
+        an entry that cannot be one."""
         for key, seq in position.items():
             if not (
                 isinstance(key, tuple)
@@ -153,12 +154,7 @@ class FrameDecoder(Generic[T]):
                     f"resume maps (publisher id, {TOPIC_FRAME_SIZE}-byte topic) to a "
                     f"sequence number >= 0, got {key!r}: {seq!r}"
                 )
-        table = self._next_seq
-        for key, seq in position.items():
-            table.pop(key, None)
-            if len(table) >= MAX_TRACKED:
-                del table[next(iter(table))]
-            table[key] = seq
+        self._next_seq = dict(list(position.items())[-MAX_TRACKED:])
 
     def topics_of(self, publisher: int) -> dict[bytes, int]:
         """The next sequence number due from ``publisher`` on each of its topics tracked."""

@@ -186,10 +186,6 @@ MAX_STARTS = 1024
 _START = struct.Struct(f"<{TOPIC_FRAME_SIZE}sQ")
 
 
-def pack_request(topic: bytes, request_id: int, first: int, end: int) -> bytes:
-    return topic + _REQUEST.pack(WIRE_VERSION, KIND_REQUEST, 0, request_id, first, end)
-
-
 def pack_since(request_id: int, history: int, cursor: int, starts: dict[bytes, int]) -> bytes:
     head = bytes(TOPIC_FRAME_SIZE) + _REQUEST.pack(
         WIRE_VERSION, KIND_SINCE, 0, request_id, history, cursor
