@@ -103,8 +103,8 @@ class Consumer(MessageSubscriber[T]):
                 self._decoder.decode(frame, items, failures)
         elif self._recovery is not None:
             frames, stats, route = self._frames, self.stats, self._recovery.route
-            self._recovery.deliver(items, failures, frames)
-            end = stats.received + stats.malformed + _ITEMS_PER_BATCH
+            self._recovery.deliver(items, failures, frames, _ITEMS_PER_BATCH)
+            end = stats.received + stats.malformed + _ITEMS_PER_BATCH - len(items)
             while frames and stats.received + stats.malformed < end:
                 frame = frames.popleft()
                 if not route(frame):

@@ -211,13 +211,14 @@ class Recovery(Generic[T]):
         return True
 
     def deliver(
-        self, items: list[T], failures: list[Failure], frames: collections.deque[bytes]
+        self, items: list[T], failures: list[Failure], frames: collections.deque[bytes], limit: int
     ) -> None:
-        """Append the replayed items that arrived; end the recoveries that are over, putting
-        their held messages back at the front of ``frames``."""
+        """Append the replayed items that arrived, until ``items`` holds ``limit`` (the rest
+        stay queued for the next batch); end the recoveries that are over, putting their held
+        messages back at the front of ``frames``."""
         for fetch in list(self._fetches.values()):
             replies = fetch.replies
-            while replies and not fetch.done:
+            while replies and not fetch.done and len(items) < limit:
                 kind, body = replies.popleft()
                 if kind == _wire.KIND_ITEMS:
                     self._replayed(fetch, body, items, failures)
